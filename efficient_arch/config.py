@@ -1,0 +1,252 @@
+"""Config schema, defaults and validation: the only place defaults live.
+
+A run is described by one ``ml_collections.ConfigDict`` with four sections plus ``flops``
+(field names follow ``shared/DESIGN.md``)::
+
+    model  architecture (mixer, ffn, sizes, remat, dtypes)
+    train  optimisation and loop cadence
+    data   where tokens come from
+    mesh   device-mesh axis sizes (data, fsdp, tensor, expert; -1 = the remaining devices)
+    flops  peak FLOP/s override and the attention counting convention
+
+``experiments/configs/*.py`` start from :func:`default_config` and override fields; the CLI
+applies ``--config.a.b=value`` overrides on top; :func:`finalize` fills derived fields
+(``n_kv_heads``, ``head_dim``, ``d_ff`` ...) and validates everything *before* anything is
+built or compiled, raising :class:`ConfigError` that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_CONVENTIONS = ("causal", "full")
+DATA_SOURCES = ("stdlib", "text", "memmap")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+class ConfigError(ValueError):
+    """A config field has an invalid value; the message names the field and the fix."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Return the full default config (a locked ConfigDict: unknown field names raise).
+
+    None-able fields are typed placeholders, so ``--config.model.n_kv_heads=2`` parses as int
+    and ``--config.model.n_kv_heads=None`` restores the derived default.
+    """
+    c = ml_collections.ConfigDict()
+
+    m = c.model = ml_collections.ConfigDict()
+    m.mixer = "attention"  # sequence mixer registered in models/registry.py
+    m.ffn = "mlp"  # channel mixer ("mlp" | "moe")
+    m.layer_pattern = config_dict.placeholder(tuple)  # None | mixer names repeated to n_layers
+    m.vocab_size = 264  # byte-level: 256 bytes + specials, padded to a multiple of 8
+    m.seq_len = 256  # training context length (tokens)
+    m.max_seq_len = config_dict.placeholder(int)  # None -> seq_len; bounds RoPE / caches
+    m.d_model = 256
+    m.n_layers = 4
+    m.n_heads = 4
+    m.n_kv_heads = config_dict.placeholder(int)  # None -> n_heads (MHA); 1 -> MQA
+    m.head_dim = config_dict.placeholder(int)  # None -> d_model // n_heads
+    m.d_ff = config_dict.placeholder(int)  # None -> 8/3 d_model rounded up to a multiple of 64
+    m.tie_embeddings = True
+    m.chunk_size = 64  # chunk length of chunked linear-recurrence forms
+    m.remat = "none"  # "none" | "full" | "dots"
+    m.scan_layers = True  # False unrolls the layer loop (same numbers, compile grows with depth)
+    m.dtype = "float32"  # compute dtype
+    m.param_dtype = "float32"
+    m.rope_theta = 10000.0
+    m.norm_eps = 1e-6
+    m.init_std = 0.02
+    mo = m.moe = ml_collections.ConfigDict()
+    mo.n_experts = 8
+    mo.top_k = 2
+    mo.n_shared_experts = 0
+    mo.d_ff_expert = config_dict.placeholder(int)
+    mo.capacity_factor = 1.25
+    mo.router = "softmax"
+    mo.aux_loss_coef = 0.01
+    mo.z_loss_coef = 1e-3
+    mo.moe_every = 1
+    mo.first_k_dense = 0
+
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 200
+    t.batch_size = 16  # global batch, sequences
+    t.grad_accum = 1  # microbatches per step (batch_size / grad_accum sequences each)
+    t.lr = 3e-3
+    t.warmup_steps = 20
+    t.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+    t.weight_decay = 0.1
+    t.clip_norm = 1.0  # global-norm clipping; 0 disables
+    t.b1 = 0.9
+    t.b2 = 0.95
+    t.eps = 1e-8
+    t.seed = 0
+    t.log_every = 10
+    t.eval_every = 100
+    t.eval_batches = 4
+    t.ckpt_every = 100
+    t.keep_ckpts = 2
+
+    d = c.data = ml_collections.ConfigDict()
+    d.source = "stdlib"  # "stdlib" | "text" | "memmap"
+    d.path = config_dict.placeholder(str)  # text file / dir / glob, or a token memmap
+    d.val_fraction = 0.05
+    d.memmap_dtype = "uint16"  # dtype of a raw .bin memmap ("uint16" | "uint32")
+    d.cache_dir = config_dict.placeholder(str)  # None -> ~/.cache/efficient_arch
+
+    me = c.mesh = ml_collections.ConfigDict()
+    me.data = -1
+    me.fsdp = 1
+    me.tensor = 1
+    me.expert = 1
+
+    f = c.flops = ml_collections.ConfigDict()
+    f.peak_flops = config_dict.placeholder(float)  # FLOP/s per device; None -> table / calibration
+    f.attention = "causal"  # MFU convention for the attention term: "causal" | "full"
+
+    c.lock()
+    return c
+
+
+def _fail(field: str, value, fix: str):
+    raise ConfigError(f"config.{field}={value!r}: {fix}")
+
+
+def _positive(cfg, section: str, names, allow_zero=()):
+    for n in names:
+        v = cfg[section][n]
+        lo_ok = v >= 0 if n in allow_zero else v > 0
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo_ok:
+            _fail(f"{section}.{n}", v, "must be a " + ("non-negative" if n in allow_zero else "positive") + " number")
+
+
+def mesh_shape(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
+    """Resolve ``cfg.mesh`` (sizes, at most one -1) against ``n_devices``.
+
+    Returns ``{"data": int, "fsdp": int, "tensor": int, "expert": int}`` whose product is
+    ``n_devices``. Raises ConfigError if sizes are not positive, more than one is -1, or the
+    product does not divide / equal the device count.
+    """
+    sizes = {a: cfg.mesh[a] for a in MESH_AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    for a, s in sizes.items():
+        if s != -1 and (not isinstance(s, int) or s < 1):
+            _fail(f"mesh.{a}", s, "mesh sizes must be positive integers or -1 (= the remaining devices)")
+    if len(free) > 1:
+        _fail(f"mesh.{free[1]}", -1, f"only one mesh axis may be -1 (both {free} are)")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if n_devices % fixed:
+            _fail(f"mesh.{free[0]}", -1, f"the other axes multiply to {fixed}, which does not divide "
+                  f"the {n_devices} available devices; change the mesh sizes")
+        sizes[free[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        _fail("mesh", dict(sizes), f"axis sizes multiply to {fixed} but {n_devices} devices are "
+              "available; set one axis to -1 or make the product equal the device count")
+    return sizes
+
+
+def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_collections.ConfigDict:
+    """Fill derived fields and validate; returns a new locked ConfigDict (input untouched).
+
+    Derived: ``model.n_kv_heads`` (None -> n_heads), ``model.head_dim`` (None -> d_model //
+    n_heads), ``model.d_ff`` (None -> 8/3 d_model rounded up to 64), ``model.max_seq_len``
+    (None -> seq_len). If ``n_devices`` is given the mesh and batch divisibility are checked too.
+
+    Raises:
+      ConfigError: naming the offending field and how to fix it.
+    """
+    from efficient_arch.models import registry  # late import: registry imports models
+
+    cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
+    m, t, d = cfg.model, cfg.train, cfg.data
+
+    _positive(cfg, "model", ["vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "chunk_size",
+                             "rope_theta", "norm_eps", "init_std"])
+    for n in ("n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+        if m[n] is not None and (not isinstance(m[n], int) or m[n] < 1):
+            _fail(f"model.{n}", m[n], "must be a positive integer or None (derived)")
+    if m.n_kv_heads is None:
+        m.n_kv_heads = m.n_heads
+    if m.head_dim is None:
+        if m.d_model % m.n_heads:
+            _fail("model.d_model", m.d_model, f"must be divisible by model.n_heads={m.n_heads} "
+                  "(or set model.head_dim explicitly)")
+        m.head_dim = m.d_model // m.n_heads
+    if m.n_heads % m.n_kv_heads:
+        _fail("model.n_heads", m.n_heads, f"must be divisible by model.n_kv_heads={m.n_kv_heads} "
+              "(GQA groups query heads evenly over key/value heads)")
+    if m.d_ff is None:
+        m.d_ff = 64 * math.ceil(8 * m.d_model / 3 / 64)
+    if m.max_seq_len is None:
+        m.max_seq_len = m.seq_len
+    if m.seq_len > m.max_seq_len:
+        _fail("model.seq_len", m.seq_len, f"exceeds model.max_seq_len={m.max_seq_len}; raise max_seq_len "
+              "or shorten seq_len")
+    if m.remat not in REMAT_POLICIES:
+        _fail("model.remat", m.remat, f"choose one of {REMAT_POLICIES}")
+    for n in ("dtype", "param_dtype"):
+        if m[n] not in DTYPES:
+            _fail(f"model.{n}", m[n], f"choose one of {DTYPES}")
+    mixers = registry.mixer_names()
+    pattern = list(m.layer_pattern) if m.layer_pattern is not None else [m.mixer]
+    for name in pattern:
+        if name not in mixers:
+            field = "model.layer_pattern" if m.layer_pattern is not None else "model.mixer"
+            _fail(field, name, f"unknown sequence mixer; registered mixers: {sorted(mixers)}")
+    if m.n_layers % len(pattern):
+        _fail("model.n_layers", m.n_layers, f"must be a multiple of len(model.layer_pattern)={len(pattern)}")
+    if m.ffn not in registry.ffn_names():
+        _fail("model.ffn", m.ffn, f"unknown FFN; registered FFNs: {sorted(registry.ffn_names())}")
+
+    _positive(cfg, "train", ["steps", "batch_size", "grad_accum", "lr", "log_every", "eval_every",
+                             "eval_batches", "ckpt_every", "keep_ckpts"])
+    _positive(cfg, "train", ["warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps"],
+              allow_zero=("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps"))
+    if t.min_lr_ratio > 1:
+        _fail("train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
+    for n in ("b1", "b2"):
+        if not 0 <= t[n] < 1:
+            _fail(f"train.{n}", t[n], "Adam betas must lie in [0, 1)")
+    if t.batch_size % t.grad_accum:
+        _fail("train.batch_size", t.batch_size, f"must be divisible by train.grad_accum={t.grad_accum}")
+
+    if d.source not in DATA_SOURCES:
+        _fail("data.source", d.source, f"choose one of {DATA_SOURCES}")
+    if d.source in ("text", "memmap") and not d.path:
+        _fail("data.path", d.path, f"data.source={d.source!r} needs a path (file, directory or glob)")
+    if not 0 < d.val_fraction < 1:
+        _fail("data.val_fraction", d.val_fraction, "must lie strictly between 0 and 1")
+    if d.memmap_dtype not in ("uint16", "uint32"):
+        _fail("data.memmap_dtype", d.memmap_dtype, "choose 'uint16' or 'uint32'")
+
+    if cfg.flops.attention not in ATTENTION_CONVENTIONS:
+        _fail("flops.attention", cfg.flops.attention, f"choose one of {ATTENTION_CONVENTIONS}")
+    if cfg.flops.peak_flops is not None and not cfg.flops.peak_flops > 0:
+        _fail("flops.peak_flops", cfg.flops.peak_flops, "must be positive FLOP/s per device, or None")
+
+    if n_devices is not None:
+        sizes = mesh_shape(cfg, n_devices)
+        for a in MESH_AXES:
+            cfg.mesh[a] = sizes[a]
+        dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+        micro = t.batch_size // t.grad_accum
+        if micro % dp:
+            _fail("train.batch_size", t.batch_size, f"the microbatch of {micro} sequences (batch_size / "
+                  f"grad_accum) must be divisible by the data-parallel size data*fsdp*expert={dp}")
+        checks = [("model.d_model", m.d_model, "fsdp"), ("model.n_heads", m.n_heads, "tensor"),
+                  ("model.n_kv_heads", m.n_kv_heads, "tensor"), ("model.d_ff", m.d_ff, "tensor"),
+                  ("model.vocab_size", m.vocab_size, "tensor")]
+        for field, value, axis in checks:
+            if value % sizes[axis]:
+                _fail(field, value, f"must be divisible by mesh.{axis}={sizes[axis]} (it is sharded over "
+                      f"that axis); change the value or the mesh")
+    cfg.lock()
+    return cfg

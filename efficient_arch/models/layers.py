@@ -1,0 +1,140 @@
+"""Shared building blocks: parameters with logical axes, RMSNorm, RoPE, SwiGLU MLP, embeddings.
+
+Every parameter is created through :func:`param`, which attaches *logical* axis names
+(``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``vocab``, ``expert``; the layer
+stack adds ``layers``). Only ``efficient_arch/parallel.py`` maps those names to mesh axes.
+Parameters are stored in ``param_dtype`` (float32); matmuls cast inputs to the compute dtype and
+accumulate in float32 (``preferred_element_type``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str):
+    """Map a config dtype name ("float32" | "bfloat16" | "float16") to a jnp dtype."""
+    return DTYPES[name]
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None], *, std: float | None,
+          dtype=jnp.float32) -> nnx.Param:
+    """Create an ``nnx.Param`` with logical axis names.
+
+    Args:
+      shape: parameter shape; ``len(names) == len(shape)``.
+      names: one logical axis name (or None) per dimension.
+      std: normal init standard deviation; None initialises to ones (norm scales).
+    """
+    assert len(shape) == len(names), (shape, names)
+    if std is None:
+        init = nnx.initializers.ones
+    else:
+        init = nnx.initializers.normal(std)
+    return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), tuple(shape), dtype))
+
+
+def matmul(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """``einsum(spec, x, w)`` in compute ``dtype`` with float32 accumulation; result in ``dtype``."""
+    y = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return y.astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019): ``x / rms(x) * scale``.
+
+    Statistics are computed in float32; input ``[..., d]`` of any dtype, output in that dtype.
+    """
+
+    def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, names: Sequence[str | None] = ("embed",)):
+        self.eps = eps
+        self.scale = param(rngs, (dim,), names, std=None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """Rotary position embedding tables (Su et al. 2021, RoFormer eq. 34).
+
+    Args:
+      positions: int ``[B, T]`` or ``[T]`` token positions.
+    Returns:
+      ``(sin, cos)`` float32 arrays of shape ``positions.shape + (head_dim // 2,)``.
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}; set config.model.head_dim even")
+    freqs = theta ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
+    ang = positions.astype(jnp.float32)[..., None] * freqs
+    return jnp.sin(ang), jnp.cos(ang)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotate feature pairs ``(x[..., i], x[..., i + d/2])`` by position-dependent angles.
+
+    Args:
+      x: ``[B, T, H, head_dim]`` in any float dtype.
+      sin, cos: ``[B, T, head_dim/2]`` or ``[T, head_dim/2]`` float32 from :func:`rope_angles`.
+    Returns:
+      Same shape and dtype as ``x``; the dot product of two rotated vectors depends only on
+      their position difference.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    sin, cos = sin[..., None, :], cos[..., None, :]  # broadcast over heads
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding ``[vocab_size, d_model]``; ``attend`` reuses it as a tied LM head."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, std: float, rngs: nnx.Rngs):
+        self.embedding = param(rngs, (vocab_size, d_model), ("vocab", "embed"), std=std)
+
+    def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+        """int32 ``[B, T]`` -> ``[B, T, d_model]`` in ``dtype`` (a gather: 0 FLOPs)."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+
+    def attend(self, x: jax.Array, dtype) -> jax.Array:
+        """``[B, T, d_model]`` -> logits ``[B, T, vocab_size]`` float32 (2*V*d FLOPs per token)."""
+        return jnp.einsum("btd,vd->btv", x.astype(dtype), self.embedding[...].astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward (Shazeer 2020, eq. 6): ``W_down (silu(x W_gate) * (x W_up))``.
+
+    Gate and up projections are one fused ``[d_model, 2, d_ff]`` kernel. Returns ``(y, aux)``
+    with ``aux == {}`` (the FFN contract: an FFN may report auxiliary losses/metrics).
+    """
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        self.dtype = dtype_of(cfg.dtype)
+        self.w_gate_up = param(rngs, (d, 2, f), ("embed", None, "mlp"), std=cfg.init_std)
+        self.w_down = param(rngs, (f, d), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def __call__(self, x: jax.Array, *, segment_ids=None) -> tuple[jax.Array, dict]:
+        """``x`` ``[B, T, d_model]`` -> ``([B, T, d_model], {})`` in the compute dtype."""
+        from efficient_arch import parallel
+
+        gu = matmul("btd,dkf->btkf", x, self.w_gate_up[...], self.dtype)
+        h = jax.nn.silu(gu[:, :, 0].astype(jnp.float32)) * gu[:, :, 1].astype(jnp.float32)
+        h = parallel.constrain(h.astype(self.dtype), ("batch", "seq", "act_mlp"))
+        return matmul("btf,fd->btd", h, self.w_down[...], self.dtype), {}
+
+    @staticmethod
+    def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:
+        """Forward matmul FLOPs per token: 2 * 3 * d_model * d_ff (gate, up, down)."""
+        del seq_len, attention
+        return 6.0 * cfg.d_model * cfg.d_ff

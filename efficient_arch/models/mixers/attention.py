@@ -1,0 +1,88 @@
+"""Causal softmax self-attention with grouped-query heads (GQA/MQA) and RoPE.
+
+Vaswani et al. 2017 (scaled dot-product attention, eq. 1); Ainslie et al. 2023 (GQA: ``n_heads``
+query heads share ``n_kv_heads`` key/value heads); Su et al. 2021 (RoPE). The score/softmax/value
+part is ``jax.nn.dot_product_attention`` (XLA form on CPU; softmax in float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_arch import parallel
+from efficient_arch.models.layers import apply_rope, dtype_of, matmul, param, rope_angles
+
+
+def segment_mask(segment_ids: jax.Array | None) -> jax.Array | None:
+    """Boolean ``[B, 1, T, T]`` mask, True where query and key lie in the same packed document."""
+    if segment_ids is None:
+        return None
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+class Attention(nnx.Module):
+    """Multi-head causal attention; ``n_kv_heads < n_heads`` gives GQA, ``n_kv_heads == 1`` MQA.
+
+    Parameters: ``wq [d_model, n_heads, head_dim]``, ``wkv [d_model, 2, n_kv_heads, head_dim]``,
+    ``wo [n_heads, head_dim, d_model]``.
+    """
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
+        self.rope_theta = cfg.rope_theta
+        self.dtype = dtype_of(cfg.dtype)
+        self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std=cfg.init_std)
+        self.wkv = param(rngs, (d, 2, kv, hd), ("embed", None, "kv_heads", "head_dim"), std=cfg.init_std)
+        self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"),
+                        std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """Causal attention over the sequence.
+
+        Args:
+          x: ``[B, T, d_model]`` in the compute dtype.
+          segment_ids: optional int ``[B, T]``; tokens attend only within their own segment.
+          positions: optional int ``[B, T]`` RoPE positions (default ``arange(T)``).
+        Returns:
+          ``[B, T, d_model]`` in the compute dtype.
+        """
+        b, t, _ = x.shape
+        if positions is None:
+            positions = jnp.arange(t, dtype=jnp.int32)
+        sin, cos = rope_angles(positions, self.head_dim, self.rope_theta)
+        q = matmul("btd,dhk->bthk", x, self.wq[...], self.dtype)
+        kv = matmul("btd,dchk->btchk", x, self.wkv[...], self.dtype)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        q = parallel.constrain(apply_rope(q, sin, cos), ("batch", "seq", "act_heads", None))
+        k = parallel.constrain(apply_rope(k, sin, cos), ("batch", "seq", "act_kv_heads", None))
+        v = parallel.constrain(v, ("batch", "seq", "act_kv_heads", None))
+        o = jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
+                                         implementation="xla")
+        o = parallel.constrain(o.astype(self.dtype), ("batch", "seq", "act_heads", None))
+        return matmul("bthk,hkd->btd", o, self.wo[...], self.dtype)
+
+    @staticmethod
+    def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:
+        """Forward FLOPs per token of one attention layer.
+
+        Projections: ``2 d (n_heads + 2 n_kv_heads) head_dim + 2 n_heads head_dim d``.
+        Scores ``QK^T`` and ``AV``: ``2 * 2 n_heads head_dim * T_eff`` with ``T_eff = T`` for the
+        full-square convention (PaLM App. B, Kaplan Table 1 style) and ``(T + 1) / 2`` — the mean
+        number of visible keys — for the causal convention (MaxText / Megatron style).
+        Softmax and RoPE elementwise work is not counted (model FLOPs are matmul FLOPs).
+        """
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        proj = 2.0 * d * (h + 2 * kv) * hd + 2.0 * h * hd * d
+        if attention == "causal":
+            t_eff = (seq_len + 1) / 2.0
+        elif attention == "full":
+            t_eff = float(seq_len)
+        else:
+            raise ValueError(f"attention convention {attention!r}: choose 'causal' or 'full'")
+        return proj + 4.0 * h * hd * t_eff
