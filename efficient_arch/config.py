@@ -99,7 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
     d.path = config_dict.placeholder(str)  # text file / dir / glob, or a token memmap
     d.val_fraction = 0.05
     d.memmap_dtype = "uint16"  # dtype of a raw .bin memmap ("uint16" | "uint32")
-    d.cache_dir = config_dict.placeholder(str)  # None -> ~/.cache/efficient_arch
+    d.cache_dir = config_dict.placeholder(str)  # None -> ~/.cache/efficient_arch/data
 
     me = c.mesh = ml_collections.ConfigDict()
     me.data = -1

@@ -197,3 +197,256 @@ def build(cfg, mesh: Mesh) -> Run:
                abstract_state=abstract_state, state_shardings=state_shardings,
                batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step,
                init_state=init_state, loss_and_grad=loss_and_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: the loop finishes the current step, checkpoints and exits."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+
+
+def _check_compatible(saved: dict | None, cfg) -> None:
+    """Refuse to resume when the checkpoint's model config differs from the current one.
+
+    Raises:
+      ConfigError: naming each differing ``model.*`` field (remat, scan_layers and compute dtype
+        may change between runs: they leave the parameters' shapes unchanged).
+    """
+    from efficient_arch.config import ConfigError
+
+    if not saved:
+        return
+    now = cfg.model.to_dict()
+    old = saved.get("model", {})
+    diff = sorted(k for k in set(now) | set(old)
+                  if k not in ("remat", "scan_layers", "dtype") and _norm(now.get(k)) != _norm(old.get(k)))
+    if diff:
+        detail = ", ".join(f"model.{k}: checkpoint {old.get(k)!r} vs now {now.get(k)!r}" for k in diff)
+        raise ConfigError(f"the workdir's checkpoint was written with a different model ({detail}); "
+                         "use a new --workdir or restore the original config")
+
+
+def _norm(v):
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    return v
+
+
+def evaluate(run: Run, params, batches: list[dict]) -> dict[str, float]:
+    """Validation loss (nats/token) and bits per byte over ``batches`` (host numpy batches).
+
+    Bits per byte counts only target tokens that are bytes (id < 256) as bytes, so it is defined
+    for byte-level sources; for other tokenizations ``val_bpb`` is None.
+    """
+    loss_sum, count, n_bytes = 0.0, 0.0, 0
+    for b in batches:
+        gb = parallel.global_batch(b, run.mesh, run.cfg.train.batch_size)
+        s, c = run.eval_step(params, gb)
+        loss_sum += float(s)
+        count += float(c)
+        n_bytes += int(np.sum(b["targets"] < 256))
+    loss = loss_sum / max(count, 1.0)
+    byte_level = run.cfg.data.source in ("stdlib", "text")
+    n_bytes_global = n_bytes * jax.process_count()
+    bpb = loss_sum / math.log(2) / n_bytes_global if byte_level and n_bytes_global else None
+    return {"val_loss": loss, "val_bpb": bpb}
+
+
+def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> dict:
+    """Train ``cfg`` in ``workdir``, resuming from its latest checkpoint; returns the summary dict.
+
+    Writes ``workdir/metrics.jsonl``, TensorBoard events under ``workdir/tb``, checkpoints under
+    ``workdir/checkpoints`` and ``workdir/summary.json``.
+
+    Raises:
+      ConfigError: invalid config (before anything compiles).
+      ValueError: incompatible checkpoint config; bad data.
+      FloatingPointError: non-finite loss (the last good checkpoint is kept).
+    """
+    import json
+    import os
+    import signal
+    import statistics
+    import time
+
+    from efficient_arch import flops as flops_lib
+    from efficient_arch import hardware
+    from efficient_arch.checkpoint import Checkpointer, read_config
+    from efficient_arch.config import ConfigError, finalize
+    from efficient_arch.data import make_eval_batches, make_train_iterator, load_source
+    from efficient_arch.metrics import MetricsWriter
+    from efficient_arch.models.lm import count_params
+
+    cfg = finalize(cfg, jax.device_count())
+    t = cfg.train
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    _check_compatible(read_config(workdir), cfg)
+
+    try:
+        source = load_source(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad data path / contents: a config-level error
+        raise ConfigError(f"data: {e}") from e
+    it = make_train_iterator(cfg, source, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    eval_batches = make_eval_batches(cfg, source, t.eval_batches, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    mesh = parallel.make_mesh(cfg)
+    run = build(cfg, mesh)
+    say = (console.print if console is not None else print) if is_main else (lambda *a, **k: None)
+    info = source.info
+    say(f"data: {info.get('name', cfg.data.source)} {info.get('n_train_tokens', 0):,} train / "
+        f"{info.get('n_val_tokens', 0):,} val tokens, fingerprint {info.get('fingerprint')}")
+
+    ckpt = Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every)
+    stop = _StopFlag()
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    writer = MetricsWriter(workdir, enabled=is_main)
+    try:
+        with jax.set_mesh(mesh):
+            latest = ckpt.latest_step()
+            if latest is not None:
+                state, data_state, _ = ckpt.restore(latest, run.abstract_state)
+                it.set_state(data_state)
+                say(f"resumed from step {latest} in {workdir}")
+            else:
+                state = run.init_state()
+            t0 = time.perf_counter()
+            lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
+            compiled = lowered.compile()
+            compile_s = time.perf_counter() - t0
+            xla = flops_lib.xla_flops_per_step(cfg, mesh, lowered)
+            ana = flops_lib.analytic_flops(cfg)
+            peak, peak_src = hardware.peak_flops_per_device(cfg.model.dtype, override=cfg.flops.peak_flops)
+            n_dev = jax.device_count()
+            tokens_per_step = t.batch_size * cfg.model.seq_len
+            say(f"compiled train step in {compile_s:.1f} s; model FLOPs/step {ana['model_flops_per_step']:.3e} "
+                f"({ana['attention_convention']} attention), XLA {xla['xla_flops_per_step']:.3e}; "
+                f"peak {peak:.3e} FLOP/s/device ({peak_src})")
+
+            step = int(jax.device_get(state["step"]))
+            step_times: list[float] = []
+            interval_t, interval_steps = time.perf_counter(), 0
+            last_metrics: dict = {}
+            val: dict = {}
+            bar = _progress(progress and is_main, t.steps, step, console)
+            while step < t.steps:
+                batch = parallel.global_batch(next(it), mesh, t.batch_size)
+                ts = time.perf_counter()
+                state, metrics = compiled(state, batch)
+                loss = float(metrics["loss"])  # blocks: the step is done
+                step_times.append(time.perf_counter() - ts)
+                step += 1
+                interval_steps += 1
+                bar.update(step)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss {loss} at step {step}; the last committed checkpoint "
+                        f"(step {ckpt.latest_step()}) is kept. Lower train.lr or raise train.warmup_steps")
+                if step % t.log_every == 0 or step == t.steps:
+                    now = time.perf_counter()
+                    dt = (now - interval_t) / interval_steps
+                    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    row.update(tokens_per_s=tokens_per_step / dt, step_time_s=dt,
+                               mfu=ana["model_flops_per_step"] / dt / (n_dev * peak))
+                    if step % t.eval_every == 0 or step == t.steps:
+                        val = evaluate(run, state["params"], eval_batches)
+                        row.update(val)
+                    writer.write(step, row)
+                    last_metrics = row
+                    bar.update(step, row)
+                    interval_t, interval_steps = time.perf_counter(), 0  # eval/logging excluded
+                ckpt.save(step, state, it.get_state(), cfg.to_dict(), force=step == t.steps)
+                if stop.signum is not None:
+                    ckpt.save(step, state, it.get_state(), cfg.to_dict(), force=True)
+                    ckpt.wait()
+                    bar.close()
+                    say(f"stopped by signal {stop.signum} at step {step}; checkpoint written. "
+                        "Rerun the same command to resume.")
+                    raise SystemExit(128 + stop.signum)
+            bar.close()
+            ckpt.wait()
+            if not val:
+                val = evaluate(run, state["params"], eval_batches)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        writer.close()
+        ckpt.close()
+
+    warm = step_times[2:] or step_times
+    step_time = statistics.median(warm) if warm else float("nan")
+    mem = hardware.memory_analysis_bytes(compiled)
+    counts = count_params(cfg.model)
+    summary = {
+        **counts,
+        "tokens_per_step": tokens_per_step,
+        "step_time_s": step_time,
+        "tokens_per_s": tokens_per_step / step_time,
+        "model_flops_per_step": ana["model_flops_per_step"],
+        "attention_flops_convention": ana["attention_convention"],
+        "hardware_flops_per_step": ana["hardware_flops_per_step"],
+        "xla_flops_per_step": xla["xla_flops_per_step"],
+        "xla_flops_raw": xla["xla_flops_raw"],
+        "xla_flops_correction": xla["correction"],
+        "xla_vs_analytic_full": xla["xla_flops_per_step"] / ana["hardware_flops_per_step"],
+        "peak_flops_per_s": peak,
+        "peak_flops_source": peak_src,
+        "mfu": ana["model_flops_per_step"] / step_time / (n_dev * peak),
+        "hfu": ana["hardware_flops_per_step"] / step_time / (n_dev * peak),
+        "device_kind": jax.devices()[0].device_kind,
+        "n_devices": n_dev,
+        "compile_time_s": compile_s,
+        "compiled_memory_bytes": mem,
+        "steps": step,
+        "final_train_loss": last_metrics.get("loss"),
+        "final_val_loss": val.get("val_loss"),
+        "val_bpb": val.get("val_bpb"),
+        "data": {k: v for k, v in info.items() if isinstance(v, (int, float, str, type(None)))},
+    }
+    if is_main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+class _progress:
+    """rich progress bar showing loss / tokens/s / MFU; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, total: int, start: int, console):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          TextColumn("{task.fields[info]}"), console=console, transient=False)
+        self.p.start()
+        self.task = self.p.add_task("train", total=total, completed=start, info="")
+
+    def update(self, step: int, row: dict | None = None):
+        if not self.enabled:
+            return
+        if row is None:
+            self.p.update(self.task, completed=step)
+            return
+        info = f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s  MFU {100 * row['mfu']:.1f}%"
+        if row.get("val_bpb") is not None:
+            info += f"  val bpb {row['val_bpb']:.3f}"
+        self.p.update(self.task, completed=step, info=info)
+
+    def close(self):
+        if self.enabled:
+            self.p.stop()
+            self.enabled = False

@@ -1,0 +1,308 @@
+"""Checkpoints of a run: a thin wrapper over orbax's ``CheckpointManager``.
+
+Layout: ``<workdir>/checkpoints/<step>/{state,data,config}``, one folder per
+committed step, with three items:
+
+* ``state``  -- any pytree of jax arrays (params, optimizer state, step, RNG
+  key data), possibly sharded; saved with ``ocp.args.StandardSave``;
+* ``data``   -- JSON dict: the data-iterator state;
+* ``config`` -- JSON dict: the run config.
+
+Atomicity: orbax writes a step into ``<step>.orbax-checkpoint-tmp`` (older
+versions: ``<step>.orbax-checkpoint-tmp-<timestamp>``) and renames it to
+``<step>`` only when every item is written (on GCS it writes the final folder
+and a ``commit_success.txt`` marker instead). ``committed_steps`` and
+``Checkpointer.latest_step`` list only folders whose name is a plain integer
+and that orbax itself deems finalized, so a save cut short by preemption is
+never picked up on resume.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+__all__ = ["Checkpointer", "committed_steps", "read_config", "CHECKPOINT_SUBDIR"]
+
+CHECKPOINT_SUBDIR = "checkpoints"
+_ITEMS = ("state", "data", "config")
+
+
+def _ckpt_dir(workdir: str | os.PathLike) -> epath.Path:
+    return epath.Path(workdir) / CHECKPOINT_SUBDIR
+
+
+def _is_finalized(path: epath.Path) -> bool:
+    """Orbax's own "committed" test (tmp suffix locally, commit file on GCS)."""
+    check = getattr(getattr(ocp, "step", None), "is_path_finalized", None)
+    if check is None:  # very old / very new orbax without the helper
+        return True
+    try:
+        return bool(check(path))
+    except Exception:  # noqa: BLE001 - an unreadable folder is not a checkpoint
+        return False
+
+
+def committed_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
+    """Sorted steps of the committed checkpoints directly under ``checkpoint_dir``.
+
+    A step counts only if its folder name is a plain non-negative integer (this
+    excludes orbax's uncommitted ``<step>.orbax-checkpoint-tmp[-<ts>]``
+    folders) and orbax's ``step.is_path_finalized`` accepts it.
+
+    Args:
+      checkpoint_dir: the folder holding step folders (``<workdir>/checkpoints``).
+
+    Returns:
+      Ascending list of int steps; [] if the folder does not exist.
+    """
+    directory = epath.Path(checkpoint_dir)
+    if not directory.exists():
+        return []
+    steps = []
+    for p in directory.iterdir():
+        if p.name.isdigit() and p.is_dir() and _is_finalized(p):
+            steps.append(int(p.name))
+    return sorted(steps)
+
+
+def _to_abstract(leaf: Any) -> Any:
+    """A restore target leaf: ShapeDtypeStruct with a concrete sharding."""
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return leaf
+
+
+def _check_abstract(abstract_state: Any) -> Any:
+    abstract_state = jax.tree.map(_to_abstract, abstract_state)
+    missing = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
+        if isinstance(leaf, jax.ShapeDtypeStruct) and getattr(leaf, "sharding", None) is None
+    ]
+    if missing:
+        raise ValueError(
+            "restore needs a sharding on every jax.ShapeDtypeStruct of abstract_state "
+            f"(e.g. from nnx.get_abstract_model under the mesh); missing at: {missing[:5]}"
+            + (" ..." if len(missing) > 5 else "")
+        )
+    return abstract_state
+
+
+class Checkpointer:
+    """Save / restore run state to ``<workdir>/checkpoints`` with orbax.
+
+    Args:
+      workdir: the run folder (local path or any path etils.epath understands,
+        e.g. gs://...). Checkpoints go to ``<workdir>/checkpoints``.
+      keep: number of most recent checkpoints kept (older ones are deleted);
+        >= 1.
+      save_every: ``save`` writes only at steps that are multiples of this
+        (unless ``force``); >= 1.
+      async_save: save in a background thread (default True); ``wait()`` blocks
+        until it is committed.
+
+    Raises:
+      ValueError: keep or save_every < 1.
+
+    Use as a context manager (or call ``close()``) so pending async saves are
+    committed before the process exits.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        keep: int,
+        save_every: int,
+        async_save: bool = True,
+    ):
+        if int(keep) < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        if int(save_every) < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        self.keep = int(keep)
+        self.save_every = int(save_every)
+        self.directory = _ckpt_dir(workdir)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.keep,
+            create=True,
+            # Remove leftovers of saves cut short by a previous preemption.
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
+        )
+        self._closed = False
+
+    # -- saving ---------------------------------------------------------------
+    def should_save(self, step: int, *, force: bool = False) -> bool:
+        """True if ``save(step, ..., force=force)`` would write a checkpoint."""
+        step = int(step)
+        if step in self._manager.all_steps():
+            return False
+        return force or step % self.save_every == 0
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: Mapping[str, Any],
+        config: Mapping[str, Any],
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Start saving a checkpoint for ``step`` (async; see ``wait``).
+
+        Args:
+          step: training step (int >= 0), the folder name.
+          state: pytree of jax arrays (any sharding) / numpy arrays / scalars;
+            typed PRNG keys and their uint32 ``jax.random.key_data`` both work.
+          data_state: JSON-serializable dict (data-iterator state).
+          config: JSON-serializable dict (the run config).
+          force: save even if ``step`` is not a multiple of ``save_every``
+            (e.g. the final step, or on preemption).
+
+        Returns:
+          True if a save was started; False if skipped (not a multiple of
+          save_every and not forced, or this step is already saved).
+
+        Raises:
+          RuntimeError: after ``close()``.
+          ValueError: negative step.
+        """
+        if self._closed:
+            raise RuntimeError("Checkpointer is closed")
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if not self.should_save(step, force=force):
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(dict(data_state)),
+            config=ocp.args.JsonSave(dict(config)),
+        )
+        # Our own save_every policy decided; force=True keeps orbax's interval
+        # policy from second-guessing it.
+        return bool(self._manager.save(step, args=args, force=True))
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once a preemption notice reached all hosts (orbax's signal);
+        the loop should then ``save(step, ..., force=True)``, ``wait()`` and exit."""
+        return bool(self._manager.reached_preemption(int(step)))
+
+    def wait(self) -> None:
+        """Block until pending async saves are committed to disk."""
+        self._manager.wait_until_finished()
+
+    # -- reading --------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """Committed steps on disk, ascending (in-flight async saves excluded)."""
+        return committed_steps(self.directory)
+
+    def latest_step(self) -> int | None:
+        """Latest committed step on disk, or None.
+
+        Uncommitted tmp folders are never chosen. An async save still in flight
+        is not counted until committed: call ``wait()`` first to include it.
+        """
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def restore(
+        self, step: int | None, abstract_state: Any
+    ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """Restore ``(state, data_state, config)`` of a committed checkpoint.
+
+        Args:
+          step: step to restore; None -> ``latest_step()``.
+          abstract_state: pytree matching the saved state, of
+            ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` (concrete
+            shardings, e.g. NamedSharding) or jax arrays (their shardings are
+            used). Restored arrays come back with exactly these shardings and
+            dtypes.
+
+        Returns:
+          (state pytree of jax arrays, data_state dict, config dict).
+
+        Raises:
+          FileNotFoundError: no committed checkpoint (or not that step).
+          ValueError: a ShapeDtypeStruct leaf without a sharding.
+        """
+        if self._closed:
+            raise RuntimeError("Checkpointer is closed")
+        self.wait()  # a save of this process may still be in flight
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"no committed checkpoint in {self.directory}")
+            step = steps[-1]
+        step = int(step)
+        if step not in steps:
+            raise FileNotFoundError(
+                f"no committed checkpoint for step {step} in {self.directory} (have {steps})"
+            )
+        abstract_state = _check_abstract(abstract_state)
+        self._manager.reload()  # pick up steps committed by other processes
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], dict(restored["data"] or {}), dict(restored["config"] or {})
+
+    # -- lifetime -------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for pending saves and release orbax's threads. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._manager.wait_until_finished()
+        finally:
+            self._manager.close()
+            self._closed = True
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run config stored with the latest committed checkpoint, or None.
+
+    Reads only the JSON ``config`` item; no arrays are restored.
+
+    Args:
+      workdir: the run folder (checkpoints under ``<workdir>/checkpoints``).
+
+    Returns:
+      The config dict, or None when there is no committed checkpoint.
+    """
+    directory = _ckpt_dir(workdir)
+    steps = committed_steps(directory)
+    if not steps:
+        return None
+    # Composite layout: <step>/<item>/; read the JSON item with its own handler.
+    reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+    try:
+        config = reader.restore(directory / str(steps[-1]) / "config", args=ocp.args.JsonRestore())
+        return dict(config or {})
+    finally:
+        reader.close()

@@ -1,0 +1,151 @@
+"""Command line: ``efficient-arch train|flops`` (also ``python -m efficient_arch``).
+
+    efficient-arch train --config=experiments/configs/transformer.py:small \\
+        --config.model.n_layers=4 --workdir=runs/x
+    efficient-arch flops --config=experiments/configs/transformer.py:small [--json=out.json]
+
+Config overrides use ml_collections' ``config_flags`` syntax (``--config.section.field=value``,
+typed, including None-able fields). Config errors are printed as one line naming the field and
+the fix, with exit status 2, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+USAGE = """usage: efficient-arch COMMAND [flags]
+
+commands:
+  train   train a model: --config=FILE[:SIZE] [--config.a.b=v ...] --workdir=DIR [--noprogress]
+  flops   compile the train step without training and print analytic vs XLA FLOPs:
+          --config=FILE[:SIZE] [--config.a.b=v ...] [--json=PATH]
+
+default config: experiments/configs/transformer.py:small
+"""
+
+DEFAULT_CONFIG = "experiments/configs/transformer.py:small"
+
+
+def _parse(cmd: str, argv: list[str]):
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    default = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG.split(":")[0]) else None
+    config_flags.DEFINE_config_file("config", default, "config file[:arg]", flag_values=fv, lock_config=True)
+    if cmd == "train":
+        flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, summary)", flag_values=fv)
+        flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
+    if cmd == "flops":
+        flags.DEFINE_string("json", None, "write the table as JSON to this path", flag_values=fv)
+    try:
+        fv([f"efficient-arch {cmd}"] + argv)
+    except flags.Error as e:
+        raise SystemExit(f"efficient-arch {cmd}: {e}\n\n{USAGE}") from None
+    except (AttributeError, KeyError) as e:  # config_flags: override of a field that does not exist
+        bad = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
+        raise SystemExit(f"efficient-arch {cmd}: unknown config field ({e}) in overrides {bad}; "
+                         "field names are listed in efficient_arch/config.py (default_config)") from None
+    if fv.config is None:
+        raise SystemExit(f"efficient-arch {cmd}: --config is required (e.g. --config={DEFAULT_CONFIG})")
+    return fv
+
+
+def _table(title: str, rows: list[tuple[str, str]]):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def cmd_train(argv: list[str]) -> int:
+    fv = _parse("train", argv)
+    if not fv.workdir:
+        raise SystemExit("efficient-arch train: --workdir is required (e.g. --workdir=runs/small)")
+    from rich.console import Console
+
+    from efficient_arch.train import run_training
+
+    s = run_training(fv.config, fv.workdir, progress=fv.progress, console=Console())
+    keys = ["n_params", "n_params_non_embedding", "tokens_per_step", "step_time_s", "tokens_per_s",
+            "model_flops_per_step", "attention_flops_convention", "xla_flops_per_step",
+            "xla_vs_analytic_full", "peak_flops_per_s", "peak_flops_source", "mfu", "hfu", "device_kind",
+            "n_devices", "compile_time_s", "final_train_loss", "final_val_loss", "val_bpb"]
+    _table(f"summary ({os.path.join(fv.workdir, 'summary.json')})", [(k, _fmt(s.get(k))) for k in keys])
+    return 0
+
+
+def cmd_flops(argv: list[str]) -> int:
+    fv = _parse("flops", argv)
+    import jax
+
+    from efficient_arch import flops as flops_lib
+    from efficient_arch import hardware, parallel, train
+    from efficient_arch.config import finalize
+    from efficient_arch.models.lm import count_params
+
+    cfg = finalize(fv.config, jax.device_count())
+    mesh = parallel.make_mesh(cfg)
+    with jax.set_mesh(mesh):
+        run = train.build(cfg, mesh)
+        lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
+        compiled = lowered.compile()
+        xla = flops_lib.xla_flops_per_step(cfg, mesh, lowered)
+    ana = flops_lib.analytic_flops(cfg)
+    ca = hardware.normalize_cost_analysis(lowered.cost_analysis())
+    mem = hardware.memory_analysis_bytes(compiled)
+    out = {**count_params(cfg.model), **ana, **xla,
+           "xla_vs_analytic_hardware": xla["xla_flops_per_step"] / ana["hardware_flops_per_step"],
+           "bytes_accessed_raw": ca.get("bytes_accessed"),
+           "compiled_memory_bytes": mem}
+    _table("FLOPs per train step (global)", [(k, _fmt(v)) for k, v in out.items() if not isinstance(v, dict)])
+    if fv.json:
+        with open(fv.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "flops": cmd_flops}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``efficient-arch`` console script. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"efficient-arch: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    from efficient_arch.config import ConfigError
+
+    try:
+        return COMMANDS[cmd](rest)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

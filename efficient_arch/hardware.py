@@ -1,0 +1,654 @@
+"""Peak FLOP/s per device, CPU calibration, MFU and XLA cost-analysis helpers.
+
+Everything here is about *denominators*: how many FLOP/s one device can do at
+best (a per-chip, per-dtype table of dense vendor figures, or a measured matmul
+rate on CPU), and how to read XLA's own cost/memory analysis in a form that does
+not depend on the jax version.
+
+Units: FLOPs are floating-point operations (a multiply-add counts as 2), FLOP/s
+are FLOPs per second, times are seconds, sizes are bytes.
+
+Conventions of the peak table (``PEAK_FLOPS``):
+
+* All figures are **dense** (no structured sparsity). NVIDIA datasheets quote
+  tensor-core figures "with sparsity"; where they do, the table holds the
+  datasheet number halved, and the comment says so.
+* Figures are **per JAX device**. For NVIDIA GPUs and for TPU v4/v5e/v5p/v6e a
+  device is one chip. For TPU v2/v3 a JAX device is one TensorCore (two per
+  chip), so the table holds half the per-chip figure.
+* dtype keys: ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"tf32"``,
+  ``"fp8"``. On NVIDIA, ``"float32"`` is the **non-tensor-core (CUDA core)
+  FP32** rate and ``"tf32"`` is the dense TF32 tensor-core rate. Note that XLA
+  on Ampere+ GPUs runs float32 dots in TF32 under jax's default matmul
+  precision; if you run float32 matmuls that way, use ``dtype="tf32"``.
+  Google publishes only bfloat16 (and int8) peaks for TPUs, so TPU entries
+  have ``"bfloat16"`` only; any other dtype raises with the fix text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "PEAK_FLOPS",
+    "UnknownAcceleratorError",
+    "canonical_dtype",
+    "chip_name",
+    "lookup_peak",
+    "calibrate_cpu_peak",
+    "peak_flops_per_device",
+    "mfu",
+    "normalize_cost_analysis",
+    "memory_analysis_bytes",
+]
+
+_FIX = "pass --config.flops.peak_flops=<FLOP/s per device>"
+
+
+class UnknownAcceleratorError(ValueError):
+    """No peak FLOP/s is known for this accelerator (or this dtype on it).
+
+    The message always names the fix: ``--config.flops.peak_flops=<FLOP/s per
+    device>``.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Peak table: chip -> dtype -> dense FLOP/s per JAX device.
+# ---------------------------------------------------------------------------
+_A100_SRC = "NVIDIA A100 Tensor Core GPU datasheet (dense; sparsity figures halved)"
+_H100_SRC = "NVIDIA H100 Tensor Core GPU datasheet (datasheet tensor figures are with sparsity; halved)"
+_H200_SRC = "NVIDIA H200 Tensor Core GPU datasheet (datasheet tensor figures are with sparsity; halved)"
+_H800_SRC = "taken equal to H100 (same GH100 tensor cores; REFERENCES.md: 'usually taken equal to H100 SXM')"
+_B200_SRC = "NVIDIA HGX B200 datasheet, per-GPU figures (tensor figures with sparsity; halved)"
+_TPU_SRC = "Google Cloud TPU system-architecture docs (per-chip bf16 peak)"
+
+PEAK_FLOPS: dict[str, dict[str, Any]] = {
+    # A100 SXM4 40GB / 80GB (PCIe has the same tensor-core and FP32 peaks).
+    # Datasheet: BF16/FP16 tensor 312 TFLOPS (624 with sparsity), TF32 156 (312
+    # with sparsity), FP32 (CUDA cores) 19.5 TFLOPS. No FP8 on Ampere.
+    # REFERENCES.md: A100 312e12 bf16.
+    "A100": {
+        "source": _A100_SRC,
+        "bfloat16": 312e12,
+        "float16": 312e12,
+        "tf32": 156e12,
+        "float32": 19.5e12,
+    },
+    "A100 PCIe": {
+        "source": _A100_SRC,
+        "bfloat16": 312e12,
+        "float16": 312e12,
+        "tf32": 156e12,
+        "float32": 19.5e12,
+    },
+    # H100 SXM5: datasheet FP8 3,958 TFLOPS, BF16/FP16 1,979, TF32 989 (all with
+    # sparsity -> halved: 1979 / 989.5 / 494.5); FP32 (CUDA cores) 67 TFLOPS.
+    # REFERENCES.md: H100 SXM 989e12 bf16, 1979e12 fp8.
+    "H100 SXM": {
+        "source": _H100_SRC,
+        "fp8": 1979e12,
+        "bfloat16": 989e12,
+        "float16": 989e12,
+        "tf32": 494.5e12,
+        "float32": 67e12,
+    },
+    # H100 PCIe: datasheet FP8 3,026, BF16/FP16 1,513, TF32 756 (with sparsity
+    # -> halved: 1513 / 756.5 / 378); FP32 51 TFLOPS. REFERENCES.md: 756e12 bf16.
+    "H100 PCIe": {
+        "source": _H100_SRC,
+        "fp8": 1513e12,
+        "bfloat16": 756e12,
+        "float16": 756e12,
+        "tf32": 378e12,
+        "float32": 51e12,
+    },
+    # H100 NVL: datasheet FP8 3,341, BF16/FP16 1,671, TF32 835 (with sparsity ->
+    # halved); FP32 60 TFLOPS.
+    "H100 NVL": {
+        "source": _H100_SRC,
+        "fp8": 1670.5e12,
+        "bfloat16": 835.5e12,
+        "float16": 835.5e12,
+        "tf32": 417.5e12,
+        "float32": 60e12,
+    },
+    # H200 SXM: same compute as H100 SXM (datasheet FP8 3,958, BF16 1,979, TF32
+    # 989 with sparsity -> halved; FP32 67). REFERENCES.md: H200 989e12 bf16.
+    "H200": {
+        "source": _H200_SRC,
+        "fp8": 1979e12,
+        "bfloat16": 989e12,
+        "float16": 989e12,
+        "tf32": 494.5e12,
+        "float32": 67e12,
+    },
+    # H200 NVL: datasheet FP8 3,341, BF16 1,671, TF32 835 (with sparsity ->
+    # halved); FP32 60.
+    "H200 NVL": {
+        "source": _H200_SRC,
+        "fp8": 1670.5e12,
+        "bfloat16": 835.5e12,
+        "float16": 835.5e12,
+        "tf32": 417.5e12,
+        "float32": 60e12,
+    },
+    # GH200: the Hopper GPU of GH200 has H100 SXM compute (GH200 datasheet: FP8
+    # 3,958 / BF16 1,979 with sparsity; FP32 67).
+    "GH200": {
+        "source": "NVIDIA GH200 Grace Hopper datasheet (tensor figures with sparsity; halved)",
+        "fp8": 1979e12,
+        "bfloat16": 989e12,
+        "float16": 989e12,
+        "tf32": 494.5e12,
+        "float32": 67e12,
+    },
+    # H800 (SXM): export variant of H100 SXM with cut NVLink; dense tensor and
+    # FP32 rates as H100 SXM.
+    "H800": {
+        "source": _H800_SRC + "; H100 SXM datasheet values",
+        "fp8": 1979e12,
+        "bfloat16": 989e12,
+        "float16": 989e12,
+        "tf32": 494.5e12,
+        "float32": 67e12,
+    },
+    "H800 PCIe": {
+        "source": _H800_SRC + "; H100 PCIe datasheet values",
+        "fp8": 1513e12,
+        "bfloat16": 756e12,
+        "float16": 756e12,
+        "tf32": 378e12,
+        "float32": 51e12,
+    },
+    # B200 (HGX B200 datasheet, per-GPU rows, 1000 W): FP8 9 PFLOPS, FP16/BF16
+    # 4.5 PFLOPS, TF32 2.2 PFLOPS (all with sparsity -> halved: 4.5e15, 2.25e15,
+    # 1.1e15); FP32 75 TFLOPS. REFERENCES.md: B200 2.25e15 bf16.
+    "B200": {
+        "source": _B200_SRC,
+        "fp8": 4.5e15,
+        "bfloat16": 2.25e15,
+        "float16": 2.25e15,
+        "tf32": 1.1e15,
+        "float32": 75e12,
+    },
+    # TPUs: Google publishes bf16 (and int8) peaks only. REFERENCES.md: v4 275e12,
+    # v5e 197e12, v5p 459e12, v6e 918e12 (bf16).
+    # v2 / v3: 45 / 123 TFLOPS per chip, two TensorCores per chip, and a JAX
+    # device is one TensorCore -> half the chip figure per device.
+    "TPU v2": {"source": _TPU_SRC + " (45e12 per chip / 2 cores)", "bfloat16": 22.5e12},
+    "TPU v3": {"source": _TPU_SRC + " (123e12 per chip / 2 cores)", "bfloat16": 61.5e12},
+    "TPU v4": {"source": _TPU_SRC + " (v4: 275e12; megacore, 1 device per chip)", "bfloat16": 275e12},
+    "TPU v5e": {"source": _TPU_SRC + " (v5e: 197e12)", "bfloat16": 197e12},
+    "TPU v5p": {"source": _TPU_SRC + " (v5p: 459e12; megacore, 1 device per chip)", "bfloat16": 459e12},
+    "TPU v6e": {"source": _TPU_SRC + " (v6e Trillium: 918e12)", "bfloat16": 918e12},
+}
+
+# device_kind (lower-cased, stripped) -> chip key. Ordered: first match wins,
+# so more specific patterns come first (GH200 before H200, NVL/PCIe before the
+# plain name, "v5 lite" before "v5").
+_KIND_PATTERNS: list[tuple[str, str]] = [
+    (r"\bgh200\b", "GH200"),
+    (r"\bh200\b.*\bnvl\b", "H200 NVL"),
+    (r"\bh200\b", "H200"),
+    (r"\bh100\b.*\bpcie\b", "H100 PCIe"),
+    (r"\bh100\b.*\bnvl\b", "H100 NVL"),
+    (r"\bh100\b", "H100 SXM"),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    (r"\bh800\b.*\bpcie\b", "H800 PCIe"),
+    (r"\bh800\b", "H800"),
+    (r"\bb200\b", "B200"),  # \b keeps "GB200" (different clocks) unknown
+    (r"\ba100\b.*\bpcie\b", "A100 PCIe"),
+    (r"\ba100\b", "A100"),
+    (r"^tpu v2$", "TPU v2"),
+    (r"^tpu v3$", "TPU v3"),
+    (r"^tpu v4$", "TPU v4"),
+    (r"^tpu v5 ?(lite|e)$", "TPU v5e"),
+    (r"^tpu v5p?$", "TPU v5p"),  # jax reports v5p as "TPU v5" on some versions
+    (r"^tpu v6 ?(lite|e)$", "TPU v6e"),
+]
+
+_DTYPE_ALIASES = {
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
+    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
+    "tf32": "tf32", "tensorfloat32": "tf32", "tensorfloat-32": "tf32",
+    "fp8": "fp8", "float8": "fp8",
+}
+
+
+def canonical_dtype(dtype: Any) -> str:
+    """Map a dtype spelling to a key of ``PEAK_FLOPS``.
+
+    Args:
+      dtype: a string ("bf16", "bfloat16", "fp32", "tf32", "fp8",
+        "float8_e4m3fn", ...), a numpy/jax dtype or scalar type.
+
+    Returns:
+      One of "bfloat16", "float16", "float32", "tf32", "fp8".
+
+    Raises:
+      ValueError: for a dtype with no peak notion here (e.g. int32, float64).
+    """
+    if not isinstance(dtype, str):
+        import numpy as np
+
+        dtype = np.dtype(dtype).name
+    key = dtype.strip().lower()
+    if key.startswith("float8") or key.startswith("fp8"):
+        return "fp8"
+    if key in _DTYPE_ALIASES:
+        return _DTYPE_ALIASES[key]
+    raise ValueError(
+        f"No peak FLOP/s notion for dtype {dtype!r}; use one of "
+        "bfloat16, float16, float32, tf32, fp8 (or " + _FIX + ")."
+    )
+
+
+def chip_name(device_kind: str) -> str | None:
+    """Return the ``PEAK_FLOPS`` key for a jax ``device.device_kind``, or None."""
+    kind = " ".join(device_kind.strip().lower().split())
+    for pattern, chip in _KIND_PATTERNS:
+        if re.search(pattern, kind):
+            return chip
+    return None
+
+
+def lookup_peak(device_kind: str, dtype: str) -> tuple[float, str]:
+    """Dense peak FLOP/s of one device from the vendor table.
+
+    Args:
+      device_kind: jax's ``device.device_kind`` string, e.g.
+        "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "TPU v5 lite".
+      dtype: matmul input dtype, see ``canonical_dtype`` ("float32" on NVIDIA
+        is the non-tensor-core FP32 rate; "tf32" is the TF32 tensor-core rate).
+
+    Returns:
+      (peak FLOP/s per device, source label naming the chip and the datasheet).
+
+    Raises:
+      UnknownAcceleratorError: the chip is not in the table, or the table has no
+        figure for this dtype on it (e.g. fp8 on A100, float32 on TPU). The
+        message tells the user to pass --config.flops.peak_flops.
+      ValueError: the dtype itself is not recognized.
+    """
+    chip = chip_name(device_kind)
+    if chip is None:
+        hint = ""
+        if device_kind.strip().lower() == "cpu":
+            hint = " (for CPU, use calibrate_cpu_peak / peak_flops_per_device)"
+        raise UnknownAcceleratorError(
+            f"Unknown accelerator {device_kind!r}: no peak FLOP/s in the table{hint}. "
+            f"To compute MFU, {_FIX} (dense, for the compute dtype)."
+        )
+    key = canonical_dtype(dtype)
+    entry = PEAK_FLOPS[chip]
+    if key not in entry:
+        have = ", ".join(k for k in entry if k != "source")
+        raise UnknownAcceleratorError(
+            f"No published dense {key} peak for {chip} (device_kind {device_kind!r}); "
+            f"the table has: {have}. To compute MFU with {key}, {_FIX}."
+        )
+    return float(entry[key]), f"table: {chip} dense {key} -- {entry['source']}"
+
+
+# ---------------------------------------------------------------------------
+# CPU calibration
+# ---------------------------------------------------------------------------
+_CACHE_FILE = "cpu_peak.json"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def _n_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _fingerprint(dtype: str) -> dict[str, Any]:
+    import jax
+
+    return {
+        "cpu_model": _cpu_model(),
+        "machine": platform.machine(),
+        "cores": _n_cores(),
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "dtype": dtype,
+    }
+
+
+def _time_matmul(n: int, dtype: str, repeats: int) -> tuple[float, float]:
+    """Best-of-``repeats`` seconds for one n x n x n matmul, and its FLOPs."""
+    import jax
+    import jax.numpy as jnp
+
+    in_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(in_dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(in_dtype)
+    cpu = jax.devices("cpu")[0]
+    a, b = jax.device_put(a, cpu), jax.device_put(b, cpu)
+
+    @jax.jit
+    def matmul(x, y):
+        return jnp.matmul(x, y, preferred_element_type=jnp.float32)
+
+    matmul(a, b).block_until_ready()  # compile + warm-up
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return min(times), 2.0 * n**3
+
+
+def _measure(dtype: str, budget_s: float = 1.5) -> dict[str, Any]:
+    start = time.perf_counter()
+    n = 1024
+    best, flops = _time_matmul(n, dtype, repeats=3)
+    # On a fast machine a 1024^3 matmul is too short to time well: go to 2048.
+    if best < 0.02:
+        n = 2048
+        best, flops = _time_matmul(n, dtype, repeats=3)
+    # More repeats while the time budget allows (best of all timed runs).
+    extra = max(0, min(7, int((budget_s - (time.perf_counter() - start)) / max(best, 1e-4)) - 1))
+    if extra:
+        best = min(best, _time_matmul(n, dtype, repeats=extra)[0])
+    return {
+        "flops_per_s": flops / best,
+        "n": n,
+        "best_matmul_s": best,
+        "calibration_s": time.perf_counter() - start,
+        "measured_unix_time": time.time(),
+    }
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def calibrate_cpu_peak(
+    dtype: str = "float32", *, cache_dir: str | os.PathLike | None = None, force: bool = False
+) -> tuple[float, str]:
+    """Measure (or read the cached) CPU matmul peak FLOP/s of this process.
+
+    Times a jit'd square matmul on the CPU device (n=1024, or n=2048 when a
+    1024 matmul takes under 20 ms), a compile + warm-up call, then the best of
+    several timed calls; FLOPs per matmul are 2*n^3. For "bfloat16" the inputs
+    are bfloat16 with ``preferred_element_type=float32`` (float32
+    accumulation), as the models' matmuls run. Takes about 1-3 s when not
+    cached.
+
+    The result is cached as JSON in ``<cache_dir>/cpu_peak.json`` keyed by a
+    machine fingerprint (CPU model from /proc/cpuinfo or platform.processor(),
+    usable cores from os.sched_getaffinity, jax version, XLA_FLAGS, dtype).
+
+    Args:
+      dtype: "float32" or "bfloat16" (aliases accepted, see canonical_dtype).
+      cache_dir: cache folder; None -> ~/.cache/efficient_arch.
+      force: re-measure even if cached (the cache is then overwritten).
+
+    Returns:
+      (FLOP/s of the whole CPU device, source label such as
+      "measured: 1024x1024 float32 matmul calibration (cached <path>)").
+
+    Raises:
+      ValueError: dtype other than float32 / bfloat16.
+    """
+    key_dtype = canonical_dtype(dtype)
+    if key_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"CPU calibration supports float32 and bfloat16, got {dtype!r}")
+    cache_root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "efficient_arch"
+    path = cache_root / _CACHE_FILE
+    fp = _fingerprint(key_dtype)
+    key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+    if not force:
+        entry = _read_cache(path).get(key)
+        if isinstance(entry, dict) and float(entry.get("flops_per_s", 0)) > 0:
+            n = entry.get("n", "?")
+            return float(entry["flops_per_s"]), (
+                f"measured: {n}x{n} {key_dtype} matmul calibration (cached {path})"
+            )
+
+    result = _measure(key_dtype)
+    result["fingerprint"] = fp
+    label = f"measured: {result['n']}x{result['n']} {key_dtype} matmul calibration (cached {path})"
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        data = _read_cache(path)
+        data[key] = result
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: readers never see a half-written file
+    except OSError as e:  # read-only home etc.: still return the measurement
+        label = f"measured: {result['n']}x{result['n']} {key_dtype} matmul calibration (not cached: {e})"
+    return float(result["flops_per_s"]), label
+
+
+def peak_flops_per_device(
+    dtype: str,
+    *,
+    override: float | None = None,
+    device: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[float, str]:
+    """Peak FLOP/s of one device for MFU: override, else CPU calibration, else table.
+
+    Args:
+      dtype: compute dtype of the matmuls (see canonical_dtype).
+      override: user-given peak FLOP/s per device (``config.flops.peak_flops``);
+        wins over everything when not None.
+      device: a jax Device; None -> ``jax.devices()[0]``.
+      cache_dir: CPU calibration cache folder (see calibrate_cpu_peak).
+
+    Returns:
+      (FLOP/s per device, source label: "user-given", "measured: ..." or
+      "table: ...").
+
+    Raises:
+      ValueError: override not a positive finite number.
+      UnknownAcceleratorError: accelerator or dtype not in the table and no
+        override given.
+    """
+    if override is not None:
+        value = float(override)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"peak_flops override must be a positive FLOP/s figure, got {override!r}")
+        return value, "user-given"
+    if device is None:
+        import jax
+
+        device = jax.devices()[0]
+    if getattr(device, "platform", "") == "cpu":
+        return calibrate_cpu_peak(dtype, cache_dir=cache_dir)
+    return lookup_peak(device.device_kind, dtype)
+
+
+# ---------------------------------------------------------------------------
+# MFU
+# ---------------------------------------------------------------------------
+def mfu(
+    model_flops_per_step: float,
+    step_time_s: float,
+    n_devices: int,
+    peak_flops_per_device: float,
+) -> float:
+    """Model FLOPs utilization: achieved model FLOP/s over aggregate peak.
+
+    ``mfu = model_flops_per_step / (step_time_s * n_devices * peak_flops_per_device)``
+
+    Args:
+      model_flops_per_step: FLOPs of one training step over the whole global
+        batch (all devices together; analytic, no remat).
+      step_time_s: wall-clock seconds per step.
+      n_devices: number of devices the step ran on.
+      peak_flops_per_device: FLOP/s per device.
+
+    Returns:
+      A fraction in (0, 1].
+
+    Raises:
+      ValueError: an input is non-positive or not finite, or the result exceeds
+        1.0, which is impossible: the peak is too low for the chip/dtype (e.g.
+        float32 peak while XLA ran TF32/bf16, or a per-chip figure on a
+        per-core device) or the FLOP count is too high (double counting,
+        counting per-device FLOPs as global, or the wrong step time).
+    """
+    for name, v in (
+        ("model_flops_per_step", model_flops_per_step),
+        ("step_time_s", step_time_s),
+        ("n_devices", n_devices),
+        ("peak_flops_per_device", peak_flops_per_device),
+    ):
+        if not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+            raise ValueError(f"{name} must be a number, got {v!r}")
+        if not math.isfinite(float(v)) or float(v) <= 0:
+            raise ValueError(f"{name} must be positive and finite, got {v!r}")
+    value = float(model_flops_per_step) / (
+        float(step_time_s) * float(n_devices) * float(peak_flops_per_device)
+    )
+    if value > 1.0:
+        raise ValueError(
+            f"MFU {value:.3f} > 1 is impossible: either the peak FLOP/s per device "
+            f"({peak_flops_per_device:.4g}) is wrong for this chip and dtype, or the "
+            f"model FLOP count ({model_flops_per_step:.4g} per step over {n_devices} "
+            f"devices, {step_time_s:.4g} s/step) is wrong."
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------
+# XLA cost / memory analysis
+# ---------------------------------------------------------------------------
+def normalize_cost_analysis(ca: Any) -> dict[str, float]:
+    """Normalize ``Lowered.cost_analysis()`` / ``Compiled.cost_analysis()`` output.
+
+    Handles what different jax versions return:
+
+    * a dict (jax >= 0.4.3x): used as is;
+    * a list/tuple of dicts (older jax: one dict per HLO module / partition):
+      a single element is taken as is; several are **summed** key by key
+      (each module's work adds up); an empty list gives {};
+    * None (backend without cost analysis): returns {} and the caller decides
+      whether to raise.
+
+    Note (DESIGN.md): ``compiled.cost_analysis()`` is per device under SPMD,
+    ``lowered.cost_analysis()`` is global, and a scan/while body is counted
+    once, not times its trip count.
+
+    Args:
+      ca: the raw cost analysis.
+
+    Returns:
+      {} for None/empty, else every numeric entry under its original key plus
+      "flops" (0.0 when XLA omitted it, as it does for a function with no
+      arithmetic), "bytes_accessed" (from "bytes accessed") and
+      "transcendentals" when present; values are floats (FLOPs, bytes).
+
+    Raises:
+      TypeError: for anything else than a mapping, a sequence of mappings or None.
+    """
+    if ca is None:
+        return {}
+    if isinstance(ca, Mapping):
+        parts = [ca]
+    elif isinstance(ca, (list, tuple)):
+        parts = list(ca)
+        if not all(isinstance(p, Mapping) or p is None for p in parts):
+            raise TypeError(f"cost analysis list must hold dicts, got {ca!r}")
+        parts = [p for p in parts if p]
+    else:
+        raise TypeError(f"unexpected cost analysis type {type(ca).__name__}: {ca!r}")
+    if not parts:
+        return {}
+    out: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                continue
+            out[k] = out.get(k, 0.0) + fv
+    out.setdefault("flops", 0.0)
+    out["bytes_accessed"] = out.get("bytes accessed", out.get("bytes_accessed", 0.0))
+    return out
+
+
+_MEMORY_FIELDS = {
+    "temp_bytes": "temp_size_in_bytes",
+    "argument_bytes": "argument_size_in_bytes",
+    "output_bytes": "output_size_in_bytes",
+    "alias_bytes": "alias_size_in_bytes",
+    "generated_code_bytes": "generated_code_size_in_bytes",
+    "host_temp_bytes": "host_temp_size_in_bytes",
+    "host_argument_bytes": "host_argument_size_in_bytes",
+    "host_output_bytes": "host_output_size_in_bytes",
+    "peak_memory_bytes": "peak_memory_in_bytes",
+}
+
+
+def memory_analysis_bytes(compiled: Any) -> dict[str, int]:
+    """Per-device memory sizes (bytes) from ``compiled.memory_analysis()``.
+
+    Args:
+      compiled: a ``jax.stages.Compiled``.
+
+    Returns:
+      {} when the backend gives no memory analysis (None, or not implemented),
+      else a dict with "temp_bytes", "argument_bytes", "output_bytes",
+      "alias_bytes", "generated_code_bytes" (and host_* / "peak_memory_bytes"
+      where this jax has them) plus "total_bytes" = argument + output + temp +
+      generated code - alias (aliased outputs reuse donated argument buffers).
+    """
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, AttributeError, RuntimeError):
+        return {}
+    if stats is None:
+        return {}
+    if isinstance(stats, (list, tuple)):  # some versions: one per module
+        stats = stats[0] if stats else None
+        if stats is None:
+            return {}
+    out: dict[str, int] = {}
+    for name, attr in _MEMORY_FIELDS.items():
+        v = stats.get(attr) if isinstance(stats, Mapping) else getattr(stats, attr, None)
+        if v is not None:
+            out[name] = int(v)
+    if not out:
+        return {}
+    out["total_bytes"] = (
+        out.get("argument_bytes", 0)
+        + out.get("output_bytes", 0)
+        + out.get("temp_bytes", 0)
+        + out.get("generated_code_bytes", 0)
+        - out.get("alias_bytes", 0)
+    )
+    return out

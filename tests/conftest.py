@@ -1,0 +1,57 @@
+"""Shared test setup: a repo-local persistent JAX compilation cache and tiny configs.
+
+float64 is *not* enabled globally; a test that needs it uses ``jax.experimental.enable_x64()``
+as a context manager.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import pytest
+
+from efficient_arch.config import default_config
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+JAX_CACHE_DIR = REPO_ROOT / ".cache" / "jax"
+
+JAX_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE_DIR))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# Small enough for 2 CPU cores, large enough to exercise GQA, RoPE and the scan over layers.
+TINY = {
+    "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 264, "seq_len": 16,
+              "d_ff": 128},
+    "train": {"batch_size": 4, "steps": 10, "warmup_steps": 2, "log_every": 1, "eval_every": 5,
+              "eval_batches": 1, "ckpt_every": 5},
+}
+
+
+def make_tiny_config(**overrides):
+    """Unfinalized ``default_config()`` with tiny sizes.
+
+    Overrides use ``section__field=value`` (``model__n_kv_heads=2``) or, for nested sections,
+    ``model__moe__top_k=1``. Unknown names raise (the config is locked).
+    """
+    c = default_config()
+    for section, fields in TINY.items():
+        for k, v in fields.items():
+            c[section][k] = v
+    for key, value in overrides.items():
+        parts = key.split("__")
+        if len(parts) < 2:
+            raise KeyError(f"override {key!r}: use section__field=value")
+        node = c
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    return c
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory fixture: ``tiny_config(model__n_layers=3, ...)`` -> unfinalized ConfigDict."""
+    return make_tiny_config

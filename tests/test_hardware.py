@@ -1,0 +1,159 @@
+"""Tests for efficient_arch.hardware: peak table, CPU calibration, MFU, cost analysis."""
+
+import json
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from efficient_arch import hardware as hw
+
+
+@pytest.mark.parametrize(
+    "kind, dtype, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+        ("NVIDIA H100 80GB HBM3", "fp8", 1979e12),
+        ("NVIDIA H100 80GB HBM3", "float32", 67e12),
+        ("NVIDIA H100 PCIe", "bf16", 756e12),
+        ("NVIDIA H200", "bfloat16", 989e12),
+        ("NVIDIA H800", "bfloat16", 989e12),
+        ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+        ("NVIDIA A100-SXM4-40GB", "float16", 312e12),
+        ("NVIDIA A100-SXM4-80GB", "float32", 19.5e12),
+        ("NVIDIA A100-SXM4-80GB", "tf32", 156e12),
+        ("NVIDIA B200", "bfloat16", 2.25e15),
+        ("NVIDIA B200", "float8_e4m3fn", 4.5e15),
+        ("TPU v4", "bfloat16", 275e12),
+        ("TPU v5 lite", "bfloat16", 197e12),
+        ("TPU v5p", "bfloat16", 459e12),
+        ("TPU v5", "bfloat16", 459e12),
+        ("TPU v6 lite", jnp.bfloat16, 918e12),
+    ],
+)
+def test_lookup_peak(kind, dtype, expected):
+    value, source = hw.lookup_peak(kind, dtype)
+    assert value == expected
+    assert "table:" in source and source
+
+
+def test_h100_pcie_not_mistaken_for_sxm():
+    assert hw.chip_name("NVIDIA H100 PCIe") == "H100 PCIe"
+    assert hw.chip_name("NVIDIA GH200 480GB") == "GH200"
+    assert hw.chip_name("NVIDIA GB200") is None  # not a B200
+
+
+@pytest.mark.parametrize(
+    "kind, dtype",
+    [("NVIDIA RTX 9999", "bfloat16"), ("TPU v99", "bfloat16"), ("cpu", "float32"),
+     ("NVIDIA A100-SXM4-80GB", "fp8"), ("TPU v4", "float32")],
+)
+def test_unknown_raises_with_fix(kind, dtype):
+    with pytest.raises(hw.UnknownAcceleratorError) as e:
+        hw.lookup_peak(kind, dtype)
+    assert isinstance(e.value, ValueError)
+    assert "--config.flops.peak_flops=<FLOP/s per device>" in str(e.value)
+
+
+def test_unknown_dtype_raises():
+    with pytest.raises(ValueError):
+        hw.lookup_peak("TPU v4", "int32")
+
+
+def test_override_wins():
+    gpu = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+    assert hw.peak_flops_per_device("bfloat16", override=1.5e12, device=gpu) == (1.5e12, "user-given")
+    # override wins even on CPU (no calibration) and for an unknown chip
+    weird = types.SimpleNamespace(platform="gpu", device_kind="Mystery Chip")
+    assert hw.peak_flops_per_device("bfloat16", override=2e12, device=weird)[0] == 2e12
+    assert hw.peak_flops_per_device("bfloat16", device=gpu)[0] == 989e12
+    with pytest.raises(hw.UnknownAcceleratorError):
+        hw.peak_flops_per_device("bfloat16", device=weird)
+    with pytest.raises(ValueError):
+        hw.peak_flops_per_device("bfloat16", override=0.0, device=gpu)
+
+
+def test_cpu_calibration_cache_and_force(tmp_path, monkeypatch):
+    t0 = time.perf_counter()
+    value, source = hw.calibrate_cpu_peak("float32", cache_dir=tmp_path)
+    first_s = time.perf_counter() - t0
+    assert value > 1e8 and first_s < 6.0
+    assert source.startswith("measured:") and "float32 matmul calibration" in source
+    assert (tmp_path / "cpu_peak.json").exists()
+
+    t0 = time.perf_counter()
+    value2, source2 = hw.calibrate_cpu_peak("float32", cache_dir=tmp_path)
+    assert time.perf_counter() - t0 < 0.2
+    assert value2 == value and "cached" in source2
+
+    # The default device on this machine is a CPU: peak_flops_per_device calibrates (cache hit).
+    assert hw.peak_flops_per_device("float32", cache_dir=tmp_path)[0] == value
+
+    calls = []
+
+    def fake_measure(dtype, budget_s=1.5):
+        calls.append(dtype)
+        return {"flops_per_s": 123.0, "n": 1024, "best_matmul_s": 1.0}
+
+    monkeypatch.setattr(hw, "_measure", fake_measure)
+    assert hw.calibrate_cpu_peak("float32", cache_dir=tmp_path)[0] == value  # still cached
+    assert calls == []
+    assert hw.calibrate_cpu_peak("float32", cache_dir=tmp_path, force=True)[0] == 123.0
+    assert calls == ["float32"]
+    assert hw.calibrate_cpu_peak("float32", cache_dir=tmp_path)[0] == 123.0  # cache overwritten
+    # dtype is part of the key: bfloat16 is measured separately
+    assert hw.calibrate_cpu_peak("bf16", cache_dir=tmp_path)[0] == 123.0
+    assert calls == ["float32", "bfloat16"]
+    data = json.loads((tmp_path / "cpu_peak.json").read_text())
+    assert {e["fingerprint"]["dtype"] for e in data.values()} == {"float32", "bfloat16"}
+
+
+def test_mfu():
+    assert hw.mfu(5e11, 1.0, 4, 250e9) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="peak FLOP/s per device"):
+        hw.mfu(2e12, 1.0, 4, 250e9)
+    for bad in [(0, 1.0, 1, 1e12), (1e9, 0.0, 1, 1e12), (1e9, 1.0, 0, 1e12),
+                (1e9, 1.0, 1, -1.0), (float("nan"), 1.0, 1, 1e12)]:
+        with pytest.raises(ValueError):
+            hw.mfu(*bad)
+
+
+def test_normalize_cost_analysis_shapes():
+    d = {"flops": 10.0, "bytes accessed": 40.0, "transcendentals": 2.0}
+    out = hw.normalize_cost_analysis(d)
+    assert out["flops"] == 10.0 and out["bytes_accessed"] == 40.0 and out["transcendentals"] == 2.0
+    assert hw.normalize_cost_analysis([d]) == out
+    two = hw.normalize_cost_analysis([d, {"flops": 5.0, "bytes accessed": 1.0}])
+    assert two["flops"] == 15.0 and two["bytes_accessed"] == 41.0
+    assert hw.normalize_cost_analysis(None) == {}
+    assert hw.normalize_cost_analysis([]) == {}
+    assert hw.normalize_cost_analysis({"bytes accessed": 8.0})["flops"] == 0.0
+    with pytest.raises(TypeError):
+        hw.normalize_cost_analysis("flops")
+
+
+def test_cost_analysis_of_real_matmul():
+    m, k, n = 64, 32, 48
+    a = jnp.ones((m, k), jnp.float32)
+    b = jnp.ones((k, n), jnp.float32)
+    lowered = jax.jit(jnp.matmul).lower(a, b)
+    out = hw.normalize_cost_analysis(lowered.cost_analysis())
+    assert out["flops"] == 2 * m * n * k
+    assert out["bytes_accessed"] > 0
+    compiled = lowered.compile()
+    assert hw.normalize_cost_analysis(compiled.cost_analysis())["flops"] == 2 * m * n * k
+    mem = hw.memory_analysis_bytes(compiled)
+    assert mem["argument_bytes"] == 4 * (m * k + k * n)
+    assert mem["output_bytes"] == 4 * m * n
+    assert {"temp_bytes", "generated_code_bytes", "total_bytes"} <= set(mem)
+
+
+def test_memory_analysis_none():
+    assert hw.memory_analysis_bytes(types.SimpleNamespace(memory_analysis=lambda: None)) == {}
+
+    def boom():
+        raise NotImplementedError
+
+    assert hw.memory_analysis_bytes(types.SimpleNamespace(memory_analysis=boom)) == {}
