@@ -336,6 +336,8 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
                 f"peak {peak:.3e} FLOP/s/device ({peak_src})")
 
             step = int(jax.device_get(state["step"]))
+            if step == 0:  # the starting point of the validation curve
+                writer.write(0, evaluate(run, state["params"], eval_batches))
             step_times: list[float] = []
             interval_t, interval_steps = time.perf_counter(), 0
             last_metrics: dict = {}

@@ -1,0 +1,27 @@
+# Two entry points (see README): `make train` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= experiments/configs/transformer.py:small
+WORKDIR ?= runs/small
+# pytest workers: 2 by default (the CI machine has 2 cores); `make test JOBS=0` runs serially
+JOBS   ?= 2
+
+.PHONY: venv train test clean
+
+$(BIN)/efficient-arch: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(BIN)/efficient-arch
+
+train: venv
+	$(BIN)/efficient-arch train --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: venv
+	$(BIN)/python -m pytest -q -n $(JOBS) tests
+
+clean:
+	rm -rf $(VENV) runs .cache
