@@ -28,20 +28,30 @@ default config: experiments/configs/transformer.py:small
 DEFAULT_CONFIG = "experiments/configs/transformer.py:small"
 
 
-def _parse(cmd: str, argv: list[str]):
+def parse_args(cmd: str, argv: list[str]):
+    """Parse ``argv`` (after the command name) into absl FlagValues with ``.config`` set.
+
+    Raises:
+      SystemExit: unknown flags or config fields, unparsable values, missing --config.
+    """
     from absl import flags
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
     default = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG.split(":")[0]) else None
-    config_flags.DEFINE_config_file("config", default, "config file[:arg]", flag_values=fv, lock_config=True)
+    # config_flags must know the override flags when defining: hand it this argv, not sys.argv
+    none_fields = [a[len("--config."):-len("=None")] for a in argv
+                   if a.startswith("--config.") and a.endswith("=None")]
+    argv = [f"efficient-arch {cmd}"] + [a for a in argv if not (a.startswith("--config.") and a.endswith("=None"))]
+    config_flags.DEFINE_config_file("config", default, "config file[:arg]", flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
     if cmd == "train":
         flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, summary)", flag_values=fv)
         flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
     if cmd == "flops":
         flags.DEFINE_string("json", None, "write the table as JSON to this path", flag_values=fv)
     try:
-        fv([f"efficient-arch {cmd}"] + argv)
+        fv(argv)  # "--config.x=None" overrides are applied below: config_flags can't parse them
     except flags.Error as e:
         raise SystemExit(f"efficient-arch {cmd}: {e}\n\n{USAGE}") from None
     except (AttributeError, KeyError) as e:  # config_flags: override of a field that does not exist
@@ -50,6 +60,16 @@ def _parse(cmd: str, argv: list[str]):
                          "field names are listed in efficient_arch/config.py (default_config)") from None
     if fv.config is None:
         raise SystemExit(f"efficient-arch {cmd}: --config is required (e.g. --config={DEFAULT_CONFIG})")
+    for path in none_fields:
+        *parents, leaf = path.split(".")
+        node = fv.config
+        try:
+            for p in parents:
+                node = node[p]
+            node[leaf] = None
+        except (AttributeError, KeyError, TypeError) as e:
+            raise SystemExit(f"efficient-arch {cmd}: --config.{path}=None: {e}; only fields whose "
+                             "default is None (typed placeholders) accept None") from None
     return fv
 
 
@@ -76,7 +96,7 @@ def _fmt(v) -> str:
 
 
 def cmd_train(argv: list[str]) -> int:
-    fv = _parse("train", argv)
+    fv = parse_args("train", argv)
     if not fv.workdir:
         raise SystemExit("efficient-arch train: --workdir is required (e.g. --workdir=runs/small)")
     from rich.console import Console
@@ -93,7 +113,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_flops(argv: list[str]) -> int:
-    fv = _parse("flops", argv)
+    fv = parse_args("flops", argv)
     import jax
 
     from efficient_arch import flops as flops_lib

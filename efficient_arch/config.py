@@ -122,8 +122,8 @@ def _fail(field: str, value, fix: str):
 def _positive(cfg, section: str, names, allow_zero=()):
     for n in names:
         v = cfg[section][n]
-        lo_ok = v >= 0 if n in allow_zero else v > 0
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo_ok:
+        is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not is_number or not (v >= 0 if n in allow_zero else v > 0):
             _fail(f"{section}.{n}", v, "must be a " + ("non-negative" if n in allow_zero else "positive") + " number")
 
 

@@ -139,15 +139,27 @@ def build(cfg, mesh: Mesh) -> Run:
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
                 "rng": jax.random.key_data(jax.random.key(t.seed + 1))}
 
-    def loss_fn(params, batch):
+    def n_loss_tokens(batch):
+        mask = batch.get("loss_mask")
+        if mask is None:
+            return jnp.asarray(batch["targets"].size, jnp.float32)
+        return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+    def loss_fn(params, batch, denom):
+        # ce = this microbatch's summed token loss / tokens in the *global* batch, so the sum
+        # over microbatches is the global token mean whatever each microbatch's count is
         model = nnx.merge(graphdef, params)
         logits, aux = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
-        loss_sum, count = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
-        ce = loss_sum / jnp.maximum(count, 1.0)
-        total = ce + aux.get("aux_loss", 0.0)
-        return total, {"loss": ce, **{k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}}
+        loss_sum, _ = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+        ce = loss_sum / denom
+        aux = {k: jnp.asarray(v, jnp.float32) / accum for k, v in aux.items()}  # mean over microbatches
+        return ce + aux.get("aux_loss", 0.0), {"loss": ce, **aux}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def loss_and_grad_fn(params, batch):
+        """value-and-grad of the loss on one (micro)batch: ((loss, metrics), grads)."""
+        return grad_fn(params, batch, n_loss_tokens(batch))
 
     def microbatches(batch):
         # microbatch j = rows j, j+accum, ...: each device keeps its own rows (no resharding)
@@ -158,21 +170,21 @@ def build(cfg, mesh: Mesh) -> Run:
 
     def step_fn(state, batch):
         params = state["params"]
+        denom = n_loss_tokens(batch)
         if accum == 1:
-            (_, metrics), grads = grad_fn(params, batch)
+            (_, metrics), grads = grad_fn(params, batch, denom)
         else:
+            mbs = microbatches(batch)
             zeros = jax.tree.map(jnp.zeros_like, params)
 
             def body(carry, mb):
                 g_acc, m_acc = carry
-                (_, m), g = grad_fn(params, mb)
+                (_, m), g = grad_fn(params, mb, denom)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
 
-            _, m0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], microbatches(batch)))[0]
-            m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
-            (grads, msum), _ = jax.lax.scan(body, (zeros, m_zero), microbatches(batch))
-            grads = jax.tree.map(lambda g: g / accum, grads)
-            metrics = jax.tree.map(lambda m: m / accum, msum)  # means over microbatches
+            m_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], mbs), denom)[0][1]
+            m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+            (grads, metrics), _ = jax.lax.scan(body, (zeros, m_zero), mbs)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
@@ -192,7 +204,7 @@ def build(cfg, mesh: Mesh) -> Run:
     eval_step = jax.jit(eval_fn, in_shardings=(state_shardings["params"], batch_sharding),
                         out_shardings=(replicated, replicated))
     init_state = jax.jit(init_fn, out_shardings=state_shardings)
-    loss_and_grad = jax.jit(grad_fn, in_shardings=(state_shardings["params"], batch_sharding))
+    loss_and_grad = jax.jit(loss_and_grad_fn, in_shardings=(state_shardings["params"], batch_sharding))
     return Run(cfg=cfg, mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule,
                abstract_state=abstract_state, state_shardings=state_shardings,
                batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step,

@@ -6,6 +6,7 @@ as a context manager.
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
@@ -14,7 +15,8 @@ import pytest
 from efficient_arch.config import default_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-JAX_CACHE_DIR = REPO_ROOT / ".cache" / "jax"
+# EFFICIENT_ARCH_TEST_JAX_CACHE overrides the location (e.g. an empty dir to time a cold run).
+JAX_CACHE_DIR = pathlib.Path(os.environ.get("EFFICIENT_ARCH_TEST_JAX_CACHE", REPO_ROOT / ".cache" / "jax"))
 
 JAX_CACHE_DIR.mkdir(parents=True, exist_ok=True)
 jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE_DIR))
