@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 USAGE = """usage: efficient-arch COMMAND [flags]
@@ -28,11 +29,18 @@ default config: experiments/configs/transformer.py:small
 DEFAULT_CONFIG = "experiments/configs/transformer.py:small"
 
 
+def _die(msg: str):
+    """Print a usage/config error to stderr and exit with status 2."""
+    print(msg, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_args(cmd: str, argv: list[str]):
     """Parse ``argv`` (after the command name) into absl FlagValues with ``.config`` set.
 
     Raises:
-      SystemExit: unknown flags or config fields, unparsable values, missing --config.
+      SystemExit(2): unknown flags or config fields, unparsable values, missing --config (the
+        message goes to stderr).
     """
     from absl import flags
     from ml_collections import config_flags
@@ -43,23 +51,27 @@ def parse_args(cmd: str, argv: list[str]):
     none_fields = [a[len("--config."):-len("=None")] for a in argv
                    if a.startswith("--config.") and a.endswith("=None")]
     argv = [f"efficient-arch {cmd}"] + [a for a in argv if not (a.startswith("--config.") and a.endswith("=None"))]
-    config_flags.DEFINE_config_file("config", default, "config file[:arg]", flag_values=fv,
-                                    lock_config=True, sys_argv=argv)
     if cmd == "train":
         flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, summary)", flag_values=fv)
         flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
     if cmd == "flops":
         flags.DEFINE_string("json", None, "write the table as JSON to this path", flag_values=fv)
-    try:
+    try:  # with the default --config, overrides are applied (and may fail) already when defining
+        config_flags.DEFINE_config_file("config", default, "config file[:arg]", flag_values=fv,
+                                        lock_config=True, sys_argv=argv)
         fv(argv)  # "--config.x=None" overrides are applied below: config_flags can't parse them
     except flags.Error as e:
-        raise SystemExit(f"efficient-arch {cmd}: {e}\n\n{USAGE}") from None
+        _die(f"efficient-arch {cmd}: {e}\n\n{USAGE}")
     except (AttributeError, KeyError) as e:  # config_flags: override of a field that does not exist
-        bad = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
-        raise SystemExit(f"efficient-arch {cmd}: unknown config field ({e}) in overrides {bad}; "
-                         "field names are listed in efficient_arch/config.py (default_config)") from None
+        text = str(e.args[0] if e.args else e)
+        name = re.search(r"[A-Za-z_]\w*", text).group(0)
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")]
+        _die(f"efficient-arch {cmd}: unknown config field {name!r} in {', '.join(bad) or 'the overrides'}"
+             + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+             + "; the fields and their defaults are in efficient_arch/config.py (default_config)")
     if fv.config is None:
-        raise SystemExit(f"efficient-arch {cmd}: --config is required (e.g. --config={DEFAULT_CONFIG})")
+        _die(f"efficient-arch {cmd}: --config is required (e.g. --config={DEFAULT_CONFIG})")
     for path in none_fields:
         *parents, leaf = path.split(".")
         node = fv.config
@@ -68,8 +80,8 @@ def parse_args(cmd: str, argv: list[str]):
                 node = node[p]
             node[leaf] = None
         except (AttributeError, KeyError, TypeError) as e:
-            raise SystemExit(f"efficient-arch {cmd}: --config.{path}=None: {e}; only fields whose "
-                             "default is None (typed placeholders) accept None") from None
+            _die(f"efficient-arch {cmd}: --config.{path}=None: {e}; only fields whose "
+                 "default is None (typed placeholders) accept None")
     return fv
 
 
@@ -98,7 +110,7 @@ def _fmt(v) -> str:
 def cmd_train(argv: list[str]) -> int:
     fv = parse_args("train", argv)
     if not fv.workdir:
-        raise SystemExit("efficient-arch train: --workdir is required (e.g. --workdir=runs/small)")
+        _die("efficient-arch train: --workdir is required (e.g. --workdir=runs/small)")
     from rich.console import Console
 
     from efficient_arch.train import run_training

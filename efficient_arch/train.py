@@ -185,7 +185,7 @@ def build(cfg, mesh: Mesh) -> Run:
             m_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], mbs), denom)[0][1]
             m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
             (grads, metrics), _ = jax.lax.scan(body, (zeros, m_zero), mbs)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
@@ -359,15 +359,18 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
                 batch = parallel.global_batch(next(it), mesh, t.batch_size)
                 ts = time.perf_counter()
                 state, metrics = compiled(state, batch)
-                loss = float(metrics["loss"])  # blocks: the step is done
+                loss, gnorm = (float(metrics[k]) for k in ("loss", "grad_norm"))  # blocks: step done
                 step_times.append(time.perf_counter() - ts)
                 step += 1
                 interval_steps += 1
                 bar.update(step)
-                if not math.isfinite(loss):
+                if not (math.isfinite(loss) and math.isfinite(gnorm)):  # never checkpoint NaN params
+                    ckpt.wait()
                     raise FloatingPointError(
-                        f"non-finite loss {loss} at step {step}; the last committed checkpoint "
-                        f"(step {ckpt.latest_step()}) is kept. Lower train.lr or raise train.warmup_steps")
+                        f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                        f"(loss {loss}, grad_norm {gnorm}) at step {step}; nothing from this step was "
+                        f"saved and the last committed checkpoint (step {ckpt.latest_step()}) is kept. "
+                        "Lower train.lr or raise train.warmup_steps")
                 if step % t.log_every == 0 or step == t.steps:
                     now = time.perf_counter()
                     dt = (now - interval_t) / interval_steps
