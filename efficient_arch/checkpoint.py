@@ -33,7 +33,11 @@ _ITEMS = ("state", "data", "config")
 
 
 def _ckpt_dir(workdir: str | os.PathLike) -> epath.Path:
-    return epath.Path(workdir) / CHECKPOINT_SUBDIR
+    """``<workdir>/checkpoints``; local paths made absolute (orbax refuses relative ones)."""
+    path = str(workdir)
+    if "://" not in path:
+        path = os.path.abspath(path)
+    return epath.Path(path) / CHECKPOINT_SUBDIR
 
 
 def _is_finalized(path: epath.Path) -> bool:

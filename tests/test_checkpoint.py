@@ -130,3 +130,16 @@ def test_bad_arguments(tmp_path):
         Checkpointer(tmp_path, keep=0, save_every=1)
     with pytest.raises(ValueError):
         Checkpointer(tmp_path, keep=1, save_every=0)
+
+
+def test_relative_workdir(tmp_path, mesh, monkeypatch):
+    """`--workdir=runs/x` is relative: orbax needs absolute paths, the wrapper resolves them."""
+    monkeypatch.chdir(tmp_path)
+    state = _state(mesh, seed=3)
+    with Checkpointer("runs/rel", keep=2, save_every=1) as ckpt:
+        assert ckpt.save(1, state, {"i": 1}, CONFIG)
+        ckpt.wait()
+        restored, _, _ = ckpt.restore(None, _abstract(state, mesh))
+    assert committed_steps(tmp_path / "runs/rel/checkpoints") == [1]
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.asarray(state["params"]["w"]))
+    assert read_config("runs/rel") == CONFIG
