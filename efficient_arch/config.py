@@ -23,6 +23,8 @@ import ml_collections
 from ml_collections import config_dict
 
 REMAT_POLICIES = ("none", "full", "dots")
+MIXER_FORMS = ("chunked", "recurrent", "quadratic")
+FEATURE_MAPS = ("identity", "elu", "taylor")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_CONVENTIONS = ("causal", "full")
 DATA_SOURCES = ("stdlib", "text", "memmap")
@@ -56,6 +58,14 @@ def default_config() -> ml_collections.ConfigDict:
     m.d_ff = config_dict.placeholder(int)  # None -> 8/3 d_model rounded up to a multiple of 64
     m.tie_embeddings = True
     m.chunk_size = 64  # chunk length of chunked linear-recurrence forms
+    m.mixer_form = "chunked"  # training form of recurrent mixers: "chunked" | "recurrent" | "quadratic"
+    m.feature_map = "elu"  # linear attention feature map: "identity" | "elu" | "taylor"
+    m.normalize = True  # linear attention: divide by q . sum(k) (Katharopoulos et al. 2020)
+    m.feature_dim = 16  # Based: q/k projection size fed to the 2nd-order Taylor map
+    m.window_size = 64  # sliding-window softmax attention (sliding_window, based)
+    m.state_size = 64  # Mamba-2 SSM state size N (d_state)
+    m.expand = 2  # Mamba-2 inner width = expand * d_model
+    m.conv_width = 4  # short causal depthwise convolution width (Mamba-2, DeltaNet family)
     m.remat = "none"  # "none" | "full" | "dots"
     m.scan_layers = True  # False unrolls the layer loop (same numbers, compile grows with depth)
     m.dtype = "float32"  # compute dtype
@@ -190,6 +200,11 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
     if m.seq_len > m.max_seq_len:
         _fail("model.seq_len", m.seq_len, f"exceeds model.max_seq_len={m.max_seq_len}; raise max_seq_len "
               "or shorten seq_len")
+    _positive(cfg, "model", ["feature_dim", "window_size", "state_size", "expand", "conv_width"])
+    if m.mixer_form not in MIXER_FORMS:
+        _fail("model.mixer_form", m.mixer_form, f"choose one of {MIXER_FORMS}")
+    if m.feature_map not in FEATURE_MAPS:
+        _fail("model.feature_map", m.feature_map, f"choose one of {FEATURE_MAPS}")
     if m.remat not in REMAT_POLICIES:
         _fail("model.remat", m.remat, f"choose one of {REMAT_POLICIES}")
     for n in ("dtype", "param_dtype"):

@@ -10,6 +10,14 @@ import importlib
 
 MIXERS: dict[str, str] = {
     "attention": "efficient_arch.models.mixers.attention:Attention",
+    "linear_attention": "efficient_arch.models.mixers.linear_attention:LinearAttention",
+    "retnet": "efficient_arch.models.mixers.retnet:Retention",
+    "gla": "efficient_arch.models.mixers.gla:GLA",
+    "mamba2": "efficient_arch.models.mixers.mamba2:Mamba2",
+    "deltanet": "efficient_arch.models.mixers.deltanet:DeltaNet",
+    "gated_deltanet": "efficient_arch.models.mixers.gated_deltanet:GatedDeltaNet",
+    "based": "efficient_arch.models.mixers.based:Based",
+    "sliding_window": "efficient_arch.models.mixers.sliding_window:SlidingWindowAttention",
 }
 
 FFNS: dict[str, str] = {
