@@ -49,6 +49,14 @@ class Block(nnx.Module):
         return x, aux
 
 
+    def decode(self, x, cache, *, position):
+        """One token ``x [B, 1, d_model]`` through the block with the mixer's cache."""
+        y, cache = self.mixer.decode(self.mixer_norm(x), cache, position=position)
+        x = x + y
+        y, _ = self.ffn(self.ffn_norm(x))
+        return x + y, cache
+
+
 class Group(nnx.Module):
     """One repetition of ``layer_pattern``: a list of blocks applied in order."""
 
@@ -62,6 +70,17 @@ class Group(nnx.Module):
             for k, v in aux.items():
                 aux_total[k] = aux_total.get(k, 0.0) + v
         return x, aux_total
+
+
+    def init_cache(self, batch_size: int, max_len: int) -> list:
+        return [blk.mixer.init_cache(batch_size, max_len) for blk in self.blocks]
+
+    def decode(self, x, caches, *, position):
+        new = []
+        for blk, c in zip(self.blocks, caches):
+            x, c = blk.decode(x, c, position=position)
+            new.append(c)
+        return x, new
 
 
 class LM(nnx.Module):
@@ -123,6 +142,34 @@ class LM(nnx.Module):
     def __call__(self, tokens, *, segment_ids=None, positions=None):
         h, aux = self.hidden(tokens, segment_ids=segment_ids, positions=positions)
         return self.logits(h), aux
+
+    def init_cache(self, batch_size: int, max_len: int):
+        """Decode caches of every layer, stacked on a leading ``n_groups`` axis (like the params).
+
+        Attention layers hold a ``[B, max_len, n_kv_heads, head_dim]`` KV cache; recurrent mixers
+        a constant-size state.
+        """
+        graphdef, stacked = nnx.split(self.groups)
+        first = nnx.merge(graphdef, jax.tree.map(lambda p: p[0], stacked))
+        one = first.init_cache(batch_size, max_len)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.n_groups,) + a.shape), one)
+
+    def decode(self, tokens, cache, *, position):
+        """One decoding step: ``tokens`` int32 ``[B, 1]`` at index ``position`` (int32 scalar).
+
+        Returns ``(logits float32 [B, 1, vocab_size], cache)``; a scan over the layer groups as in
+        training, so the logits equal the full forward pass's at that position.
+        """
+        x = self.embed(tokens, self.dtype)
+        graphdef, stacked = nnx.split(self.groups)
+
+        def body(h, layer):
+            group_state, group_cache = layer
+            h, group_cache = nnx.merge(graphdef, group_state).decode(h, group_cache, position=position)
+            return h, group_cache
+
+        x, cache = jax.lax.scan(body, x, (stacked, cache))
+        return self.logits(self.final_norm(x)), cache
 
 
 def new_model(cfg, seed: int) -> LM:

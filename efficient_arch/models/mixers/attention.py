@@ -52,20 +52,42 @@ class Attention(nnx.Module):
         Returns:
           ``[B, T, d_model]`` in the compute dtype.
         """
-        b, t, _ = x.shape
         if positions is None:
-            positions = jnp.arange(t, dtype=jnp.int32)
-        sin, cos = rope_angles(positions, self.head_dim, self.rope_theta)
-        q = matmul("btd,dhk->bthk", x, self.wq[...], self.dtype)
-        kv = matmul("btd,dchk->btchk", x, self.wkv[...], self.dtype)
-        k, v = kv[:, :, 0], kv[:, :, 1]
-        q = parallel.constrain(apply_rope(q, sin, cos), ("batch", "seq", "act_heads", None))
-        k = parallel.constrain(apply_rope(k, sin, cos), ("batch", "seq", "act_kv_heads", None))
+            positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+        q, k, v = self._qkv(x, positions)
+        q = parallel.constrain(q, ("batch", "seq", "act_heads", None))
+        k = parallel.constrain(k, ("batch", "seq", "act_kv_heads", None))
         v = parallel.constrain(v, ("batch", "seq", "act_kv_heads", None))
         o = jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
                                          implementation="xla")
         o = parallel.constrain(o.astype(self.dtype), ("batch", "seq", "act_heads", None))
         return matmul("bthk,hkd->btd", o, self.wo[...], self.dtype)
+
+    def _qkv(self, x, positions):
+        sin, cos = rope_angles(positions, self.head_dim, self.rope_theta)
+        q = matmul("btd,dhk->bthk", x, self.wq[...], self.dtype)
+        kv = matmul("btd,dchk->btchk", x, self.wkv[...], self.dtype)
+        return apply_rope(q, sin, cos), apply_rope(kv[:, :, 0], sin, cos), kv[:, :, 1]
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
+        """KV cache: ``k``, ``v`` of shape ``[B, max_len, n_kv_heads, head_dim]`` (compute dtype)."""
+        shape = (batch_size, max_len, self.n_kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+    def decode(self, x: jax.Array, cache: dict, *, position) -> tuple[jax.Array, dict]:
+        """One token: ``x [B, 1, d_model]`` at index ``position`` (int32 scalar) -> ``(y, cache)``.
+
+        Writes this token's key/value at ``position`` and attends to cache entries ``<= position``
+        (2 n_heads head_dim max_len FLOPs per score/value product: the whole cache is read).
+        """
+        b = x.shape[0]
+        pos = jnp.asarray(position, jnp.int32)
+        q, k, v = self._qkv(x, jnp.full((b, 1), pos))
+        cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(self.dtype), pos, axis=1),
+                 "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(self.dtype), pos, axis=1)}
+        visible = (jnp.arange(cache["k"].shape[1]) <= pos)[None, None, None, :]
+        o = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=visible, implementation="xla")
+        return matmul("bthk,hkd->btd", o.astype(self.dtype), self.wo[...], self.dtype), cache
 
     @staticmethod
     def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:
