@@ -129,3 +129,17 @@ def xla_flops_per_step(cfg, mesh, lowered_step=None) -> dict[str, float | str]:
     return {"xla_flops_per_step": total, "xla_flops_raw": raw,
             "correction": "scan bodies x trip count; per-group and per-microbatch costs from unrolled "
                           "1- and 2-group lowerings"}
+
+
+def palm_training_flops_per_token(n_params: float, n_layers: int, n_heads: int, head_dim: int,
+                                  seq_len: int, *, attention: bool = True) -> float:
+    """Training FLOPs per token in the PaLM convention (Chowdhery et al. 2022, App. B).
+
+    ``6 N + 12 L H Q T``: 6N for the parameter matmuls (forward 2N, backward 4N) and, with
+    ``attention``, both attention matmuls over the full ``T x T`` square (not halved for causal
+    masking). Embedding parameters are included in N, as PaLM does.
+    """
+    flops = 6.0 * n_params
+    if attention:
+        flops += 12.0 * n_layers * n_heads * head_dim * seq_len
+    return flops
