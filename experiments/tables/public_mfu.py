@@ -77,7 +77,7 @@ def _rows() -> list[dict]:
     add("BLOOM-176B", "156 TFLOP/s per A100 80GB", 156e12 / _peak("A100"), 0.50, tol=0.005)
     add("OPT-175B", "147 TFLOP/s per A100 80GB", 147e12 / _peak("A100"), 0.47, tol=0.005)
     for tf, pub, seq in ((430e12, 0.43, 8192), (400e12, 0.41, 8192), (380e12, 0.38, 131072)):
-        add(f"Llama 3 405B (seq {seq})", f"{tf / 1e12:.0f} TFLOP/s per H100", tf / _peak("H100 SXM"), pub,
+        add(f"Llama 3 405B ({tf / 1e12:.0f} TFLOP/s, seq {seq})", f"{tf / 1e12:.0f} TFLOP/s per H100", tf / _peak("H100 SXM"), pub,
             tol=0.006)
     add("MaxText 32B on TPU v5p", "328 TFLOP/s per chip", 328e12 / _peak("TPU v5p"), 0.7147, tol=0.001)
     add("MaxText 16B on TPU v5e", "120 TFLOP/s per chip", 120e12 / _peak("TPU v5e"), 0.6110,
