@@ -1,0 +1,424 @@
+"""Gated linear attention: one recurrence, three executable forms, and feature maps.
+
+The recurrence (state ``S_t`` ``[K, V]`` per batch row and head)::
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t          o_t = q_t S_t            (1)
+
+covers causal linear attention (``g = 0``; Katharopoulos et al. 2020, eq. 9-10), RetNet
+retention (``g_t = log gamma_h``, a scalar per head; Sun et al. 2023, eq. 1-6), Mamba-2's SSD
+(scalar data-dependent ``g_t = dt_t A``; Dao & Gu 2024, eq. 16) and GLA (``g_t`` a vector over the
+key dimension, ``diag(alpha_t)`` with ``alpha_t = exp(g_t)``; Yang et al. 2023, eq. 3).
+
+Forms (all equal up to float rounding; tests check outputs, final states and gradients):
+
+* ``recurrent``: ``jax.lax.scan`` over time of (1): the oracle. ``O(T K V)``.
+* ``chunked``: Yang et al. 2023 sec. 3-4 / Sun et al. 2023 eq. 7. The sequence is cut into chunks
+  of ``C`` tokens; within a chunk the output is a masked quadratic form, across chunks a state
+  ``S`` ``[K, V]`` is passed by a ``scan`` over chunks::
+
+      b_i = sum_{l <= i} g_l                       (chunk-local inclusive cumsum, float32, <= 0)
+      o_i = sum_{j <= i} (q_i * exp(b_i - b_j)) . k_j  v_j   +   (q_i * exp(b_i)) S_prev
+      S_next = diag(exp(b_last)) S_prev + sum_j (k_j * exp(b_last - b_j))^T v_j
+
+  Only differences ``b_i - b_j`` with ``i >= j`` are exponentiated (all ``<= 0``), never
+  ``exp(+b)``, so a per-step log decay of -5 or a total of -1e4 stays finite. For a per-key-dim
+  (vector) decay the intra-chunk scores cannot be one matmul without ``exp(+b)``; we use the
+  secondary chunking of Yang et al. 2023 sec. 4.2: sub-chunks of ``c = gcd(C, 16)`` tokens, the
+  off-diagonal sub-chunk blocks as matmuls of ``q_i exp(b_i - r_p)`` and ``k_j exp(r_p - b_j)``
+  with ``r_p`` the cumulative decay just before query sub-chunk ``p`` (both exponents ``<= 0``),
+  and the diagonal ``c x c`` blocks pairwise over the key dimension. Memory: per chunk this
+  materialises ``[C/c, C, K]`` decayed keys and ``[C/c, c, c, K]`` pairwise decays, i.e.
+  ``C/c + c`` times the size of ``k`` (20x at ``C = 64``; scalar or no decay: ``[C, C]`` per head).
+* ``quadratic``: the masked ``T x T`` form ``o = ((Q K^T) * D) V`` with ``D_ij = exp(b_i - b_j)``,
+  ``b`` the cumsum of ``g`` over the sequence (vector decay: per key dimension, a ``[T, T, K]``
+  tensor). ``O(T^2)`` memory: a test reference and short-sequence form.
+
+Segments (packed documents): where ``segment_ids[t] != segment_ids[t-1]`` the state is reset
+(``S_{t-1} := 0``) in every form; the chunked and quadratic forms mask pairs from different
+segments and drop the carried state across a reset (no ``-inf`` arithmetic).
+
+Precision: log decays are cast to float32 (float64 for float64 inputs) before any cumsum; the state
+and all matmul accumulations are float32 (``preferred_element_type``) whatever the input dtype;
+matmul *operands* are in the compute dtype (``q.dtype``), e.g. bfloat16. Output in ``q.dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+FORMS = ("chunked", "recurrent", "quadratic")
+SUB_CHUNK = 16  # secondary chunk length (vector decay, chunked form) is gcd(chunk_size, SUB_CHUNK)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _acc_dtype(dtype):
+    """Accumulation / state dtype: float32, or float64 for float64 inputs (tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _mm(spec: str, a: jax.Array, b: jax.Array, dtype, acc) -> jax.Array:
+    """einsum with operands cast to the compute ``dtype`` and accumulation in ``acc``.
+
+    The contraction is emitted with the canonical output order (batch dims, then ``a``'s free
+    dims, then ``b``'s) and transposed afterwards: XLA:CPU (jax 0.10) rejects a bf16 x bf16 -> f32
+    dot whose output layout puts a free dim before a batch dim ("Unsupported element type for
+    DotThunk::Execute").
+    """
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    batch = [c for c in out if c in sa and c in sb]
+    canon = "".join(batch + [c for c in out if c in sa and c not in sb] +
+                    [c for c in out if c in sb and c not in sa])
+    y = jnp.einsum(f"{sa},{sb}->{canon}", a.astype(dtype), b.astype(dtype), preferred_element_type=acc)
+    return y if canon == out else jnp.transpose(y, [canon.index(c) for c in out])
+
+
+def _cumsum(x: jax.Array, axis: int) -> jax.Array:
+    """Inclusive cumsum by a parallel prefix (``lax.associative_scan``): ``O(log n)`` adds per
+    element, where ``jnp.cumsum`` lowers to a ``reduce_window`` of ``n`` adds per element on
+    CPU (and XLA's cost analysis counts it so)."""
+    return jax.lax.associative_scan(jnp.add, x, axis=axis)
+
+
+def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """``exp(x)`` where ``mask`` else 0, with no inf/NaN in values or gradients (double where)."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def _segment_counter(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array:
+    """int32 ``[B, T]`` running count of resets: tokens may interact iff their counters are equal.
+
+    A reset happens at ``t >= 1`` where ``segment_ids[t] != segment_ids[t-1]`` (so ids that
+    come back, e.g. ``0 0 1 0``, still start a new segment); the counter of token 0 is 0.
+    """
+    if segment_ids is None:
+        return jnp.zeros((b, t), jnp.int32)
+    reset = jnp.concatenate([jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return _cumsum(reset.astype(jnp.int32), axis=1)
+
+
+def _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size):
+    if form not in FORMS:
+        raise ValueError(f"form={form!r}: choose one of {FORMS}")
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expected q, k [B, T, H, K] and v [B, T, H, V]; got q {q.shape}, k {k.shape}, "
+                         f"v {v.shape}")
+    b, t, h, kd = q.shape
+    if log_decay is not None and log_decay.shape not in ((b, t, h), (b, t, h, kd)):
+        raise ValueError(f"log_decay must be [B, T, H] or [B, T, H, K] = {(b, t, h)} or {(b, t, h, kd)}; "
+                         f"got {log_decay.shape}")
+    if segment_ids is not None and segment_ids.shape != (b, t):
+        raise ValueError(f"segment_ids must be [B, T] = {(b, t)}; got {segment_ids.shape}")
+    if initial_state is not None and initial_state.shape != (b, h, kd, v.shape[-1]):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(b, h, kd, v.shape[-1])}; got "
+                         f"{initial_state.shape}")
+    if form == "quadratic" and initial_state is not None:
+        raise ValueError("form='quadratic' does not take an initial_state; use 'chunked' or 'recurrent'")
+    if form == "chunked" and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | None = None, *,
+                           segment_ids: jax.Array | None = None, initial_state: jax.Array | None = None,
+                           form: str = "chunked", chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
+    """Causal gated linear attention, recurrence (1) of the module docstring.
+
+    Args:
+      q, k: ``[B, T, H, K]``, any float dtype (the compute dtype of the matmul operands).
+      v: ``[B, T, H, V]``.
+      log_decay: None (no decay: plain linear attention), ``[B, T, H]`` (scalar per head and
+        step: RetNet, Mamba-2) or ``[B, T, H, K]`` (per key dimension: GLA). Values ``<= 0``
+        (log of the decay factor ``alpha_t in (0, 1]``); any float dtype, used in float32.
+      segment_ids: optional int ``[B, T]``; ``S_{t-1} := 0`` where ``segment_ids[t] !=
+        segment_ids[t-1]``.
+      initial_state: optional ``[B, H, K, V]`` (float32), the state before token 0.
+      form: ``"chunked"`` | ``"recurrent"`` | ``"quadratic"`` (see the module docstring).
+      chunk_size: ``C`` of the chunked form; ``T`` need not be a multiple (padding with
+        ``k = v = 0, g = 0``, which leaves outputs and the final state unchanged).
+
+    Returns:
+      ``(o, final_state)``: ``o`` ``[B, T, H, V]`` in ``q.dtype`` with ``o_t = q_t S_t`` (the
+      current token included); ``final_state`` ``S_T`` ``[B, H, K, V]`` float32 (float64 for
+      float64 inputs).
+
+    FLOPs: see :func:`flops_gated_linear_attention`.
+
+    Raises:
+      ValueError: unknown form, inconsistent shapes, ``initial_state`` with ``form="quadratic"``,
+        or a non-positive ``chunk_size``.
+    """
+    _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size)
+    bsz, t, h, kd = q.shape
+    vd = v.shape[-1]
+    acc = _acc_dtype(q.dtype)
+    g = None
+    if log_decay is not None:
+        g = log_decay.astype(acc)
+        if g.ndim == 3:
+            g = g[..., None]  # [B, T, H, 1]: scalar decay broadcasts over K
+    cnt = _segment_counter(segment_ids, bsz, t)
+    s0 = (jnp.zeros((bsz, h, kd, vd), acc) if initial_state is None else initial_state.astype(acc))
+    if form == "recurrent":
+        o, s = _recurrent(q, k, v, g, cnt, s0, acc)
+    elif form == "quadratic":
+        o, s = _quadratic(q, k, v, g, cnt, acc)
+    else:
+        o, s = _chunked(q, k, v, g, cnt, s0, chunk_size, acc)
+    return o.astype(q.dtype), s
+
+
+def gla_step(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | None,
+             state: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One decode token of recurrence (1): ``S = diag(exp(g)) S + k^T v``; ``o = q S``.
+
+    Args:
+      q, k: ``[B, H, K]``; v: ``[B, H, V]``; log_decay: None, ``[B, H]`` or ``[B, H, K]``.
+      state: ``[B, H, K, V]`` float32 (the state after the previous token).
+    Returns:
+      ``(o [B, H, V] in q.dtype, state [B, H, K, V] float32)``. FLOPs per head: ``(5 + decay) K V``
+      as in :func:`flops_gated_linear_attention` ``form="recurrent"``.
+    """
+    acc = _acc_dtype(q.dtype)
+    s = state.astype(acc)
+    if log_decay is not None:
+        gg = log_decay.astype(acc)
+        gg = gg[..., None, None] if gg.ndim == 2 else gg[..., None]
+        s = jnp.exp(gg) * s
+    s = s + jnp.einsum("bhk,bhv->bhkv", k.astype(acc), v.astype(acc))
+    o = jnp.einsum("bhk,bhkv->bhv", q.astype(acc), s)
+    return o.astype(q.dtype), s
+
+
+def flops_gated_linear_attention(seq_len: int, n_heads: int, k_dim: int, v_dim: int, *, form: str,
+                                 chunk_size: int = 64, vector_decay: bool = False,
+                                 has_decay: bool = True) -> float:
+    """Forward FLOPs per token of :func:`gated_linear_attention` as executed.
+
+    With ``H`` heads, key dim ``K``, value dim ``V``, chunk ``C`` (the op uses ``C_eff = min(C, T)``
+    and pads ``T`` up to ``n C_eff``, ``n = ceil(T / C_eff)``; padding factor ``p = n C_eff / T``):
+
+    * ``recurrent``: ``H * (5 + has_decay) K V``: the rank-1 update ``k^T v`` (a dot with
+      contraction size 1, ``2 K V`` as XLA counts it), the state add (``K V``), the decay scaling
+      (``K V``, if any) and the read-out ``q S`` (``2 K V``).
+    * ``chunked``: ``H * p * [2 C_eff (K + V) + 4 K V]``: the full ``C x C`` score block
+      (``Q K^T``, masked entries included) and ``A V``; ``q S_prev`` and the chunk's state
+      contribution ``K~^T V``. Vector decay adds the pairwise diagonal sub-chunk scores,
+      ``2 c K`` with ``c = gcd(C_eff, 16)`` (elementwise multiply-add).
+    * ``quadratic``: ``H * 2 T (K + V)`` (the full ``T x T`` square is executed; with a vector
+      decay the ``T x T x K`` scores are elementwise and XLA counts ~3x this for them).
+
+    Not counted in the chunked / quadratic forms: decay exponentials, masks, cumsums and the
+    elementwise decay scaling (``O(K)`` or ``O(C)`` per token and head; XLA counts them: at
+    ``K = V = 32, C = 64`` about ``+3%`` of the core for scalar decay and ``+28%`` for vector decay).
+
+    Raises:
+      ValueError: unknown form.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form={form!r}: choose one of {FORMS}")
+    if form == "recurrent":
+        per_head = (5.0 + bool(has_decay)) * k_dim * v_dim
+    elif form == "quadratic":
+        per_head = 2.0 * seq_len * (k_dim + v_dim)
+    else:
+        c = min(chunk_size, seq_len)
+        pad = math.ceil(seq_len / c) * c / seq_len
+        per_head = 2.0 * c * (k_dim + v_dim) + 4.0 * k_dim * v_dim
+        if vector_decay:
+            per_head += 2.0 * math.gcd(c, SUB_CHUNK) * k_dim
+        per_head *= pad
+    return n_heads * per_head
+
+
+# ----------------------------------------------------------------------------- forms
+
+
+def _recurrent(q, k, v, g, cnt, s0, acc):
+    """``lax.scan`` over time of (1); returns (o [B, T, H, V] acc, S_T)."""
+    bsz, t, h, kd = q.shape
+    reset = jnp.concatenate([jnp.zeros((bsz, 1), bool), cnt[:, 1:] != cnt[:, :-1]], axis=1)
+    tm = lambda x: jnp.moveaxis(x, 1, 0)  # time-major
+    xs = (tm(q.astype(acc)), tm(k.astype(acc)), tm(v.astype(acc)), tm(reset),
+          tm(g) if g is not None else None)
+
+    def step(s, x):
+        qt, kt, vt, rt, gt = x
+        if gt is not None:
+            s = jnp.exp(gt)[..., None] * s  # gt [B, H, 1|K]
+        s = jnp.where(rt[:, None, None, None], 0.0, s)
+        s = s + jnp.einsum("bhk,bhv->bhkv", kt, vt)
+        return s, jnp.einsum("bhk,bhkv->bhv", qt, s)
+
+    s, o = jax.lax.scan(step, s0, xs)
+    return jnp.moveaxis(o, 0, 1), s
+
+
+def _quadratic(q, k, v, g, cnt, acc):
+    """Masked ``T x T`` form; the decay between ``j <= i`` is ``exp(b_i - b_j)`` with ``b`` the
+    inclusive cumsum over the whole sequence. The exponent is ``<= 0`` (masked before ``exp``), but
+    the subtraction of two cumulative sums loses ``~|b_T| * 2^-24`` absolute in float32: a relative
+    error of ~6e-4 in the decay factors at a total log decay of -1e4 (the chunked form, with
+    chunk-local cumsums, does not have this loss). An exact per-pair segment sum would cost
+    ``O(T^3)`` (XLA's cumsum over a ``[T, T]`` mask)."""
+    dt = q.dtype
+    t = q.shape[1]
+    ii = jnp.arange(t)[:, None]
+    jj = jnp.arange(t)[None, :]
+    mask = (ii >= jj)[None] & (cnt[:, :, None] == cnt[:, None, :])  # [B, Ti, Tj]
+    mask_h = mask[:, None]  # [B, 1, Ti, Tj]
+    if g is None:
+        a = _mm("bihk,bjhk->bhij", q, k, dt, acc) * mask_h
+        w_last = mask[:, -1, :, None, None].astype(acc)  # [B, Tj, 1, 1]
+    else:
+        b = _cumsum(g, axis=1)  # [B, T, H, 1|K]
+        dec = _masked_exp(b[:, :, None] - b[:, None, :], mask[..., None, None])  # [B, Ti, Tj, H, 1|K]
+        if g.shape[-1] == 1:
+            a = _mm("bihk,bjhk->bhij", q, k, dt, acc) * jnp.moveaxis(dec[..., 0], 3, 1)
+        else:
+            a = jnp.einsum("bihk,bjhk,bijhk->bhij", q.astype(acc), k.astype(acc), dec)
+        w_last = dec[:, -1]  # [B, Tj, H, 1|K]
+    o = _mm("bhij,bjhv->bihv", a, v, dt, acc)
+    s = jnp.einsum("bjhk,bjhv->bhkv", k.astype(acc) * w_last, v.astype(acc))
+    return o, s
+
+
+def _chunked(q, k, v, g, cnt, s0, chunk, acc):
+    """Intra-chunk quadratic + inter-chunk state passing (module docstring)."""
+    dt = q.dtype
+    bsz, t, h, kd = q.shape
+    vd = v.shape[-1]
+    c = min(chunk, t)  # a chunk longer than the sequence would only add padding
+    n = -(-t // c)
+    pad = n * c - t
+    if pad:
+        zpad = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        q, k, v = zpad(q), zpad(k), zpad(v)
+        g = zpad(g) if g is not None else None
+        cnt = jnp.pad(cnt, [(0, 0), (0, pad)], mode="edge")
+    ch = lambda x: x.reshape((bsz, n, c) + x.shape[2:])
+    q, k, v, cnt = ch(q), ch(k), ch(v), ch(cnt)  # [B, N, C, H, *]
+    cnt_prev = jnp.concatenate([jnp.zeros((bsz, 1), jnp.int32), cnt[:, :-1, -1]], axis=1)  # [B, N]
+    cnt_last = cnt[:, :, -1]
+    ii = jnp.arange(c)[:, None]
+    jj = jnp.arange(c)[None, :]
+    same = (ii >= jj) & (cnt[:, :, :, None] == cnt[:, :, None, :])  # [B, N, Ci, Cj]
+    from_prev = (cnt == cnt_prev[:, :, None])[..., None, None]  # [B, N, C, 1, 1]
+    to_last = (cnt == cnt_last[:, :, None])[..., None, None]
+    keep = (cnt_last == cnt_prev)[:, :, None, None]  # [B, N, 1, 1]: no reset inside the chunk
+
+    if g is None:
+        a = _mm("bnihk,bnjhk->bnhij", q, k, dt, acc) * same[:, :, None]
+        qd = jnp.where(from_prev, q, 0)
+        kd = jnp.where(to_last, k, 0)
+        a_tot = jnp.ones((bsz, n, h, 1), acc)
+    else:
+        b = _cumsum(ch(g), axis=2)  # [B, N, C, H, 1|K], chunk-local, <= 0
+        b_last = b[:, :, -1:]  # [B, N, 1, H, 1|K]
+        qd = _masked_exp(b, from_prev) * q.astype(acc)
+        kd = _masked_exp(b_last - b, to_last) * k.astype(acc)
+        a_tot = jnp.exp(b_last[:, :, 0])  # [B, N, H, 1|K]
+        if g.shape[-1] == 1:
+            diff = jnp.moveaxis(b[:, :, :, None, :, 0] - b[:, :, None, :, :, 0], 4, 2)  # [B,N,H,Ci,Cj]
+            a = _mm("bnihk,bnjhk->bnhij", q, k, dt, acc) * _masked_exp(diff, same[:, :, None])
+        else:
+            a = _vector_scores(q, k, b, same, dt, acc)
+    o = _mm("bnhij,bnjhv->bnihv", a, v, dt, acc)
+
+    # Inter-chunk: state contribution of each chunk, then a scan over chunks.
+    u = _mm("bnjhk,bnjhv->bnhkv", kd, v, dt, acc)  # [B, N, H, K, V]
+    decay = jnp.where(keep, a_tot, 0.0)[..., None]  # [B, N, H, 1|K, 1]
+
+    def step(s, x):
+        d, un = x
+        return d * s + un, s
+
+    s, s_prev = jax.lax.scan(step, s0, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(u, 1, 0)))
+    s_prev = jnp.moveaxis(s_prev, 0, 1)  # [B, N, H, K, V]: state before each chunk
+    o = o + _mm("bnihk,bnhkv->bnihv", qd, s_prev, dt, acc)
+    o = o.reshape(bsz, n * c, h, vd)[:, :t]
+    return o, s
+
+
+def _vector_scores(q, k, b, same, dt, acc):
+    """Intra-chunk scores ``A_ij = sum_d q_id k_jd exp(b_id - b_jd)`` (i >= j, same segment) for a
+    per-key-dim decay, by secondary chunking (Yang et al. 2023 sec. 4.2).
+
+    q, k: ``[B, N, C, H, K]``; b: chunk-local cumsum ``[B, N, C, H, K]``; same: ``[B, N, C, C]``.
+    Returns ``[B, N, H, C, C]`` in ``acc``.
+    """
+    bsz, n, c, h, kd = q.shape
+    sc = math.gcd(c, SUB_CHUNK)
+    p = c // sc
+    sub = lambda x: x.reshape((bsz, n, p, sc) + x.shape[3:])
+    qs, ks, bs = sub(q), sub(k), sub(b)  # [B, N, P, c, H, K]
+    # r_p: cumulative decay just before sub-chunk p (0 before the chunk); [B, N, P, H, K]
+    r = jnp.concatenate([jnp.zeros_like(bs[:, :, :1, -1]), bs[:, :, :-1, -1]], axis=2)
+    q_t = qs.astype(acc) * jnp.exp(bs - r[:, :, :, None])  # exponent <= 0
+    # k~^(p)_j = k_j exp(r_p - b_j) for j before sub-chunk p (exponent <= 0), else 0
+    before = (jnp.arange(c)[None, :] < (jnp.arange(p) * sc)[:, None])  # [P, Cj]
+    before = before[None, None, :, :, None, None]
+    k_t = _masked_exp(r[:, :, :, None] - b[:, :, None], before) * k.astype(acc)[:, :, None]  # [B,N,P,Cj,H,K]
+    off = _mm("bnpihk,bnpjhk->bnhpij", q_t, k_t, dt, acc)  # [B, N, H, P, c, Cj]
+    # diagonal sub-chunk blocks: pairwise over the key dimension
+    tri = (jnp.arange(sc)[:, None] >= jnp.arange(sc)[None, :])[None, None, None, :, :, None, None]
+    e = _masked_exp(bs[:, :, :, :, None] - bs[:, :, :, None, :], tri)  # [B, N, P, ci, cj, H, K]
+    diag = jnp.einsum("bnpihk,bnpjhk,bnpijhk->bnhpij", qs.astype(acc), ks.astype(acc), e)
+    eye = jnp.eye(p, dtype=bool)[:, None, :, None]  # [P, 1, P, 1]: block-diagonal placement
+    diag_full = jnp.where(eye, diag[:, :, :, :, :, None, :], 0.0).reshape(bsz, n, h, p, sc, c)
+    a = (off + diag_full).reshape(bsz, n, h, c, c)
+    return a * same[:, :, None]
+
+
+# ----------------------------------------------------------------------------- feature maps
+
+
+def taylor_feature_map(x: jax.Array, *, scale: float | None = None) -> jax.Array:
+    """2nd-order Taylor feature map of Based (Arora et al. 2024, sec. 3.1 / eq. 3).
+
+    ``phi(x) = [1, x', vec(x' x'^T) / sqrt(2)]`` with ``x' = scale * x`` (default
+    ``scale = d^(-1/4)``), so ``phi(q) . phi(k) = 1 + s + s^2 / 2`` with ``s = q . k / sqrt(d)``:
+    the 2nd-order Taylor expansion of ``exp(q . k / sqrt(d))``.
+
+    Args:
+      x: ``[..., d]`` any float dtype.
+    Returns:
+      ``[..., 1 + d + d^2]`` in ``x.dtype`` (computed in float32). Elementwise: ``d^2``
+      multiplies per vector.
+    """
+    d = x.shape[-1]
+    s = d ** -0.25 if scale is None else scale
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32)) * s
+    outer = (xf[..., :, None] * xf[..., None, :]).reshape(x.shape[:-1] + (d * d,)) / math.sqrt(2.0)
+    ones = jnp.ones(x.shape[:-1] + (1,), xf.dtype)
+    return jnp.concatenate([ones, xf, outer], axis=-1).astype(x.dtype)
+
+
+def feature_map(name: str, x: jax.Array) -> jax.Array:
+    """Apply a linear-attention feature map by name.
+
+    ``identity``: ``x``; ``elu``: ``elu(x) + 1`` (Katharopoulos et al. 2020, eq. 7; positive);
+    ``taylor``: :func:`taylor_feature_map` (last dim ``d -> 1 + d + d^2``).
+
+    Raises:
+      ValueError: unknown name.
+    """
+    if name == "identity":
+        return x
+    if name == "elu":
+        return (jax.nn.elu(x.astype(jnp.promote_types(x.dtype, jnp.float32))) + 1.0).astype(x.dtype)
+    if name == "taylor":
+        return taylor_feature_map(x)
+    raise ValueError(f"feature map {name!r}: choose 'identity', 'elu' or 'taylor'")
+
+
+def feature_dim(name: str, d: int) -> int:
+    """Output width of :func:`feature_map` ``name`` for input width ``d``."""
+    return 1 + d + d * d if name == "taylor" else d
