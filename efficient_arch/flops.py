@@ -9,11 +9,10 @@ Two independent sources that must agree:
   convention (``causal``: mean visible keys (T+1)/2, the default; ``full``: T, PaLM App. B).
   *Hardware* FLOPs (HFU) add remat recomputation and count attention as executed (full square:
   the XLA form computes masked scores too).
-* **XLA** (:func:`xla_flops_per_step`): the lowered train step's HLO cost analysis (global, all
-  devices). XLA counts a ``while``/``scan`` body once, so the scanned layer loop and the
-  gradient-accumulation loop are corrected by trip count: the per-group and per-microbatch costs
-  are measured on small *unrolled* lowerings of the same step (1 and 2 layer groups) and scaled
-  (see the function's docstring for the algebra).
+* **XLA** (:func:`xla_flops_per_step`): HLO cost analysis of lowerings of the train step (global,
+  all devices). XLA counts a ``while``/``scan`` body once, so the audit costs small *unrolled*
+  lowerings (1 and 2 layer groups, one microbatch, every ``ops.scan`` loop unrolled) and scales
+  them by the trip counts (see the function's docstring for the algebra).
 """
 
 from __future__ import annotations
@@ -88,47 +87,53 @@ def lowered_flops(lowered) -> float:
 
 
 def xla_flops_per_step(cfg, mesh, lowered_step=None) -> dict[str, float | str]:
-    """XLA's FLOPs for one train step (global), corrected for loops XLA counts once.
+    """XLA's FLOPs for one train step (global, all devices), with every loop counted.
 
-    With ``L`` layer groups scanned and ``A`` microbatches accumulated in a scan, the cost
-    analysis of the step ``S`` counts one group and one microbatch. Let ``G(k)`` be the cost of
-    value-and-grad of the loss on one microbatch with ``k`` *unrolled* groups. Then one group
-    costs ``f = G(2) - G(1)`` and the rest of a microbatch ``o = G(1) - f``, and::
+    XLA's cost analysis counts a ``while`` body once, and a train step has three kinds of loops:
+    the scan over layer groups, the scan over microbatches (``grad_accum``) and the mixers'
+    time / chunk scans in ``ops/``. The audit therefore costs unrolled lowerings (lowering only,
+    no compile): with ``G(k)`` the cost of value-and-grad of the loss on one microbatch with ``k``
+    unrolled layer groups and every ``ops.scan`` loop unrolled, and ``U`` the cost of the
+    optimizer update,::
 
-        corrected = S + (L - 1) f            [scan over layers]
-                      + (A - 1) (o + L f)    [scan over microbatches]
+        xla_flops_per_step = A * (G(1) + (L - 1) * (G(2) - G(1))) + U
 
-    (the second term only if ``A > 1``; the first only if layers are scanned). The optimizer
-    update is outside both loops and is counted once, as executed.
+    for ``L`` groups and ``A`` microbatches. The raw count of the real (rolled) step is reported
+    as ``xla_flops_raw`` for comparison.
 
     Returns:
-      dict with ``xla_flops_per_step`` (corrected), ``xla_flops_raw`` (``S``), ``correction``
-      (a sentence naming the method).
+      dict with ``xla_flops_per_step``, ``xla_flops_raw`` and ``correction`` (the method).
     """
     from efficient_arch import train
+    from efficient_arch.ops import scan as scan_lib
 
-    L = cfg.model.n_layers // len(layer_pattern(cfg.model))
+    plen = len(layer_pattern(cfg.model))
+    L = cfg.model.n_layers // plen
     A = cfg.train.grad_accum
     if lowered_step is None:
         run = train.build(cfg, mesh)
         lowered_step = run.train_step.lower(run.abstract_state, run.abstract_batch())
     raw = lowered_flops(lowered_step)
-    scanned = cfg.model.scan_layers and L > 1
-    if not scanned and A == 1:
-        return {"xla_flops_per_step": raw, "xla_flops_raw": raw, "correction": "none (no loops)"}
-    g = []
-    plen = len(layer_pattern(cfg.model))
     micro = cfg.train.batch_size // A
-    for k in (1, 2):
-        v = _variant(cfg, n_layers=k * plen, scan_layers=False, batch_size=micro, grad_accum=1)
-        r = train.build(v, mesh)
-        g.append(lowered_flops(r.loss_and_grad.lower(r.abstract_state["params"], r.abstract_batch())))
-    f = g[1] - g[0]
-    o = g[0] - f
-    total = raw + (L - 1) * f * (1 if scanned else 0) + (A - 1) * (o + L * f)
+    g = []
+    with scan_lib.unrolled():
+        for k in sorted({1, min(2, L)}):
+            v = _variant(cfg, n_layers=k * plen, scan_layers=False, batch_size=micro, grad_accum=1)
+            r = train.build(v, mesh)
+            g.append(lowered_flops(r.loss_and_grad.lower(r.abstract_state["params"], r.abstract_batch())))
+            if k == 1:
+                u = lowered_flops(r.update_step.lower(r.abstract_state, r.abstract_state["params"]))
+                u_per_group = None
+            else:
+                u2 = lowered_flops(r.update_step.lower(r.abstract_state, r.abstract_state["params"]))
+                u_per_group = u2 - u
+    per_group = g[1] - g[0] if len(g) == 2 else 0.0
+    grad_cost = g[0] + (L - 1) * per_group
+    update = u + (L - 1) * (u_per_group or 0.0)
+    total = A * grad_cost + update
     return {"xla_flops_per_step": total, "xla_flops_raw": raw,
-            "correction": "scan bodies x trip count; per-group and per-microbatch costs from unrolled "
-                          "1- and 2-group lowerings"}
+            "correction": "unrolled lowerings: A x (G(1) + (L-1)(G(2)-G(1))) + optimizer update, "
+                          "with time/chunk scans unrolled"}
 
 
 def palm_training_flops_per_token(n_params: float, n_layers: int, n_heads: int, head_dim: int,

@@ -21,9 +21,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from efficient_arch import parallel
+from efficient_arch.ops import scan as scan_lib
 from efficient_arch.models.lm import new_model
 
-NO_DECAY_NAMES = ("scale", "bias")  # RMSNorm scales and biases are not weight-decayed
+# not weight-decayed: norm scales, biases, and SSM decay / skip parameters (Mamba-2 practice)
+NO_DECAY_NAMES = ("scale", "bias", "A_log", "dt_bias", "D")
 
 
 def make_schedule(t) -> optax.Schedule:
@@ -91,6 +93,8 @@ class Run:
       state_shardings / batch_sharding: NamedShardings used as jit in/out shardings.
       train_step: jitted ``(state, batch) -> (state, metrics)`` with the state donated.
       eval_step: jitted ``(params, batch) -> (loss_sum, n_tokens)``.
+      loss_and_grad: jitted ``(params, batch) -> ((loss, metrics), grads)`` on one microbatch.
+      update_step: jitted optimizer half of the step ``(state, grads) -> (state, metrics)``.
     """
 
     cfg: Any
@@ -105,6 +109,7 @@ class Run:
     eval_step: Callable
     init_state: Callable
     loss_and_grad: Callable
+    update_step: Callable
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         """Shape of one global batch: int32 ``[batch_size, seq_len]`` inputs and targets."""
@@ -184,7 +189,12 @@ def build(cfg, mesh: Mesh) -> Run:
 
             m_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], mbs), denom)[0][1]
             m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-            (grads, metrics), _ = jax.lax.scan(body, (zeros, m_zero), mbs)
+            (grads, metrics), _ = scan_lib.scan(body, (zeros, m_zero), mbs)
+        return update_fn(state, grads, metrics)
+
+    def update_fn(state, grads, metrics):
+        """The optimizer half of the step: clip, AdamW, schedule, step and RNG advance."""
+        params = state["params"]
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
@@ -205,10 +215,12 @@ def build(cfg, mesh: Mesh) -> Run:
                         out_shardings=(replicated, replicated))
     init_state = jax.jit(init_fn, out_shardings=state_shardings)
     loss_and_grad = jax.jit(loss_and_grad_fn, in_shardings=(state_shardings["params"], batch_sharding))
+    update_step = jax.jit(lambda state, grads: update_fn(state, grads, {}),
+                          in_shardings=(state_shardings, state_shardings["params"]))
     return Run(cfg=cfg, mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule,
                abstract_state=abstract_state, state_shardings=state_shardings,
                batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step,
-               init_state=init_state, loss_and_grad=loss_and_grad)
+               init_state=init_state, loss_and_grad=loss_and_grad, update_step=update_step)
 
 
 # ----------------------------------------------------------------------------------------------

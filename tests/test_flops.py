@@ -59,10 +59,13 @@ def test_corrected_xla_flops_match_unrolled_step(tiny_config, scan, accum, batch
     assert raw_ratio < (0.6 if accum == 1 else 0.7), raw_ratio
 
 
-def test_no_loops_means_no_correction(tiny_config):
+def test_no_loops_audit_equals_raw(tiny_config):
+    """Without loops the audit (grad lowering + separate optimizer lowering) and the raw step
+    count the same program; they differ only by the few scalar ops of splitting it in two."""
     cfg, mesh = finalized(tiny_config, model__scan_layers=False)
     got = corrected(cfg, mesh)
-    assert got["xla_flops_per_step"] == got["xla_flops_raw"] == step_flops(cfg, mesh)
+    assert got["xla_flops_raw"] == step_flops(cfg, mesh)
+    assert abs(got["xla_flops_per_step"] / got["xla_flops_raw"] - 1) < 1e-5
 
 
 # ----------------------------------------------------------------------------- analytic vs XLA

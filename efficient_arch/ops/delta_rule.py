@@ -43,6 +43,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from efficient_arch.ops import scan as _scan
+
 FORMS = ("chunked", "recurrent")
 
 
@@ -124,7 +126,7 @@ def _recurrent(q, k, v, beta, log_decay, reset, state):
         o, s = _step(qt, kt, vt, bt, gt, s)
         return s, o
 
-    state, o = jax.lax.scan(body, state, xs)
+    state, o = _scan.scan(body, state, xs)
     return jnp.moveaxis(o, 0, 1), state
 
 
@@ -213,7 +215,7 @@ def _chunked(q, k, v, beta, log_decay, reset, state, chunk_size, unroll):
         return s_next, (s, u)
 
     nm = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731  chunk-major for the scan
-    state, (starts, u) = jax.lax.scan(body, state, (nm(w), nm(ubar), nm(kdec), nm(gamma_end)),
+    state, (starts, u) = _scan.scan(body, state, (nm(w), nm(ubar), nm(kdec), nm(gamma_end)),
                                       unroll=unroll)
     starts, u = jnp.moveaxis(starts, 0, 2), jnp.moveaxis(u, 0, 2)  # [B,H,N,K,V], [B,H,N,C,V]
     o = (jnp.einsum("bhnck,bhnkv->bhncv", qc.astype(acc) * gamma[..., None], starts)

@@ -49,6 +49,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from efficient_arch.ops import scan as _scan
+
 FORMS = ("chunked", "recurrent", "quadratic")
 SUB_CHUNK = 16  # secondary chunk length (vector decay, chunked form) is gcd(chunk_size, SUB_CHUNK)
 
@@ -257,7 +259,7 @@ def _recurrent(q, k, v, g, cnt, s0, acc):
         s = s + jnp.einsum("bhk,bhv->bhkv", kt, vt)
         return s, jnp.einsum("bhk,bhkv->bhv", qt, s)
 
-    s, o = jax.lax.scan(step, s0, xs)
+    s, o = _scan.scan(step, s0, xs)
     return jnp.moveaxis(o, 0, 1), s
 
 
@@ -340,7 +342,7 @@ def _chunked(q, k, v, g, cnt, s0, chunk, acc):
         d, un = x
         return d * s + un, s
 
-    s, s_prev = jax.lax.scan(step, s0, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(u, 1, 0)))
+    s, s_prev = _scan.scan(step, s0, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(u, 1, 0)))
     s_prev = jnp.moveaxis(s_prev, 0, 1)  # [B, N, H, K, V]: state before each chunk
     o = o + _mm("bnihk,bnhkv->bnihv", qd, s_prev, dt, acc)
     o = o.reshape(bsz, n * c, h, vd)[:, :t]

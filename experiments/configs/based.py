@@ -1,0 +1,50 @@
+"""Based LM (Arora et al. 2024) at the transformer's sizes: alternating Taylor linear-attention
+layers (``based``) and sliding-window softmax-attention layers (``sliding_window``), each block
+with a SwiGLU MLP.
+
+    --config=experiments/configs/based.py:SIZE      SIZE in tiny | small | base
+
+``layer_pattern = ("based", "sliding_window")`` repeated ``n_layers / 2`` times. The paper's
+Based architecture also has gated-convolution (BaseConv) layers, which this repo does not
+implement: this is "Based without BaseConv" (see ``models/mixers/based.py``). Paper settings:
+feature dim 16 for the Taylor map, window 64 (16 / 32 at the CPU sizes, whose contexts are
+64 / 128 tokens). Other fields are ``transformer.py``'s (its ``SIZES``); a Based layer has
+``2 d^2 + 2 d H F`` parameters, close to a GQA attention layer, so the total stays within ~4% of
+the transformer's.
+"""
+
+import importlib.util
+import pathlib
+
+#        feature_dim window chunk_size
+BASED = {
+    "tiny": (16, 16, 16),
+    "small": (16, 32, 32),
+    "base": (16, 64, 64),
+}
+
+
+def _transformer():
+    path = pathlib.Path(__file__).with_name("transformer.py")
+    spec = importlib.util.spec_from_file_location("_efficient_arch_transformer_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def get_config(arg: str | None = None):
+    """Return the Based hybrid config for size ``arg`` (default ``small``).
+
+    Raises:
+      ValueError: unknown size, listing the known ones.
+    """
+    size = arg or "small"
+    if size not in BASED:
+        raise ValueError(f"unknown based size {size!r}; choose one of {sorted(BASED)}")
+    c = _transformer().get_config(size)
+    m = c.model
+    m.mixer = "based"
+    m.layer_pattern = ("based", "sliding_window")
+    m.feature_dim, m.window_size, m.chunk_size = BASED[size]
+    m.mixer_form = "chunked"
+    return c
