@@ -27,6 +27,29 @@ default config: experiments/configs/transformer.py:small
 """
 
 DEFAULT_CONFIG = "experiments/configs/transformer.py:small"
+# the repo checkout this package lives in (editable install): the default config resolves there
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _default_config() -> str | None:
+    for root in (os.getcwd(), REPO_ROOT):
+        path = os.path.join(root, DEFAULT_CONFIG.split(":")[0])
+        if os.path.exists(path):
+            return path + ":" + DEFAULT_CONFIG.split(":")[1]
+    return None
+
+
+def _config_fields(node=None, prefix="") -> list[str]:
+    from efficient_arch.config import default_config
+
+    node = default_config() if node is None else node
+    out = []
+    for k, v in node.items():
+        if hasattr(v, "items"):
+            out += _config_fields(v, f"{prefix}{k}.")
+        else:
+            out.append(f"  --config.{prefix}{k}={v!r}")
+    return out
 
 
 def _die(msg: str):
@@ -45,8 +68,11 @@ def parse_args(cmd: str, argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
+    if any(a in ("-h", "--help", "--helpfull") for a in argv):
+        print(USAGE + "\nconfig fields (defaults of efficient_arch/config.py):\n" + "\n".join(_config_fields()))
+        raise SystemExit(0)
     fv = flags.FlagValues()
-    default = DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG.split(":")[0]) else None
+    default = _default_config()
     # config_flags must know the override flags when defining: hand it this argv, not sys.argv
     none_fields = [a[len("--config."):-len("=None")] for a in argv
                    if a.startswith("--config.") and a.endswith("=None")]
@@ -60,8 +86,14 @@ def parse_args(cmd: str, argv: list[str]):
         config_flags.DEFINE_config_file("config", default, "config file[:arg]", flag_values=fv,
                                         lock_config=True, sys_argv=argv)
         fv(argv)  # "--config.x=None" overrides are applied below: config_flags can't parse them
+        if fv["config"].present or default:
+            fv.config.to_dict()  # config_flags loads lazily: surface a missing config file here
     except flags.Error as e:
-        _die(f"efficient-arch {cmd}: {e}\n\n{USAGE}")
+        msg = str(e)
+        if "Traceback" in msg:  # config_flags embeds the config file's traceback: keep its last error
+            errors = [ln.strip() for ln in msg.splitlines() if re.match(r"^\w+(Error|Exception)\b", ln.strip())]
+            _die(f"efficient-arch {cmd}: could not load the config: {errors[-1] if errors else msg}")
+        _die(f"efficient-arch {cmd}: {msg}\n\n{USAGE}")
     except (AttributeError, KeyError) as e:  # config_flags: override of a field that does not exist
         text = str(e.args[0] if e.args else e)
         name = re.search(r"[A-Za-z_]\w*", text).group(0)
@@ -70,6 +102,8 @@ def parse_args(cmd: str, argv: list[str]):
         _die(f"efficient-arch {cmd}: unknown config field {name!r} in {', '.join(bad) or 'the overrides'}"
              + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
              + "; the fields and their defaults are in efficient_arch/config.py (default_config)")
+    except Exception as e:  # the config file itself failed: missing file, unknown size, syntax
+        _die(f"efficient-arch {cmd}: could not load the config ({type(e).__name__}: {e})")
     if fv.config is None:
         _die(f"efficient-arch {cmd}: --config is required (e.g. --config={DEFAULT_CONFIG})")
     for path in none_fields:
@@ -118,7 +152,7 @@ def cmd_train(argv: list[str]) -> int:
     s = run_training(fv.config, fv.workdir, progress=fv.progress, console=Console())
     keys = ["n_params", "n_params_non_embedding", "tokens_per_step", "step_time_s", "tokens_per_s",
             "model_flops_per_step", "attention_flops_convention", "xla_flops_per_step",
-            "xla_vs_analytic_full", "peak_flops_per_s", "peak_flops_source", "mfu", "hfu", "device_kind",
+            "xla_vs_analytic_hardware", "peak_flops_per_s", "peak_flops_source", "mfu", "hfu", "device_kind",
             "n_devices", "compile_time_s", "final_train_loss", "final_val_loss", "val_bpb"]
     _table(f"summary ({os.path.join(fv.workdir, 'summary.json')})", [(k, _fmt(s.get(k))) for k in keys])
     return 0

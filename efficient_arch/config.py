@@ -216,6 +216,9 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
         if name not in mixers:
             field = "model.layer_pattern" if m.layer_pattern is not None else "model.mixer"
             _fail(field, name, f"unknown sequence mixer; registered mixers: {sorted(mixers)}")
+    if "mamba2" in pattern and (m.expand * m.d_model) % m.head_dim:
+        _fail("model.head_dim", m.head_dim, f"Mamba-2 splits its inner width expand*d_model="
+              f"{m.expand * m.d_model} into heads of head_dim; choose a divisor")
     if m.n_layers % len(pattern):
         _fail("model.n_layers", m.n_layers, f"must be a multiple of len(model.layer_pattern)={len(pattern)}")
     if m.ffn not in registry.ffn_names():
@@ -235,6 +238,9 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
 
     if d.source not in DATA_SOURCES:
         _fail("data.source", d.source, f"choose one of {DATA_SOURCES}")
+    if d.source == "stdlib" and d.path:
+        _fail("data.path", d.path, "is ignored by data.source='stdlib'; set --config.data.source=text "
+              "(or memmap) to train on it, or drop data.path")
     if d.source in ("text", "memmap") and not d.path:
         _fail("data.path", d.path, f"data.source={d.source!r} needs a path (file, directory or glob)")
     if not 0 < d.val_fraction < 1:

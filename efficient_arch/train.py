@@ -10,7 +10,9 @@ it adds whatever ``aux["aux_loss"]`` the model reports to the cross-entropy.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -267,6 +269,40 @@ def _norm(v):
     return v
 
 
+def _finished_step(workdir: str) -> int | None:
+    """Latest committed checkpoint step of ``workdir`` (None if there is none)."""
+    from efficient_arch.checkpoint import committed_steps
+
+    steps = committed_steps(os.path.join(workdir, "checkpoints")) if os.path.isdir(workdir) else []
+    return steps[-1] if steps else None
+
+
+def _data_state(it, info: dict) -> dict:
+    """What the checkpoint stores about the data: the iterator position and the corpus identity."""
+    return {"iterator": it.get_state(), "fingerprint": info.get("fingerprint"), "source": info.get("source")}
+
+
+def _restore_data(it, data_state: dict, info: dict) -> None:
+    """Put the iterator where the checkpoint left it; refuse if the corpus is not the same one.
+
+    Raises:
+      ConfigError: the data source or its contents (fingerprint) changed since the checkpoint.
+    """
+    from efficient_arch.config import ConfigError
+
+    if data_state.get("fingerprint") != info.get("fingerprint"):
+        raise ConfigError(
+            f"data: the workdir's checkpoint was trained on {data_state.get('source')!r} with fingerprint "
+            f"{data_state.get('fingerprint')}, but the configured data is {info.get('source')!r} with "
+            f"fingerprint {info.get('fingerprint')}; restore the original data.source/data.path or use "
+            "a new --workdir")
+    try:
+        it.set_state(data_state["iterator"])
+    except ValueError as e:
+        raise ConfigError(f"data: cannot resume the data iterator ({e}); the data pipeline settings "
+                          "(seq_len, batch_size, seed) differ from the checkpoint's: use a new --workdir") from e
+
+
 def evaluate(run: Run, params, batches: list[dict]) -> dict[str, float]:
     """Validation loss (nats/token) and bits per byte over ``batches`` (host numpy batches).
 
@@ -298,8 +334,6 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
       ValueError: incompatible checkpoint config; bad data.
       FloatingPointError: non-finite loss (the last good checkpoint is kept).
     """
-    import json
-    import os
     import signal
     import statistics
     import time
@@ -315,8 +349,14 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
     cfg = finalize(cfg, jax.device_count())
     t = cfg.train
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    say = (console.print if console is not None else print) if is_main else (lambda *a, **k: None)
     _check_compatible(read_config(workdir), cfg)
+    done = _finished_step(workdir)
+    if done is not None and done >= t.steps:
+        say(f"{workdir} is already trained to step {done} (train.steps={t.steps}); nothing to do. "
+            "Raise --config.train.steps to continue, or use a new --workdir.")
+        summary_path = os.path.join(workdir, "summary.json")
+        return json.load(open(summary_path)) if os.path.exists(summary_path) else {"steps": done}
 
     try:
         source = load_source(cfg)
@@ -326,13 +366,15 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
                              process_count=jax.process_count())
     eval_batches = make_eval_batches(cfg, source, t.eval_batches, process_index=jax.process_index(),
                                      process_count=jax.process_count())
+    info = source.info
+    say(f"data: {info.get('source', cfg.data.source)} {info.get('n_train_tokens', 0):,} train / "
+        f"{info.get('n_val_tokens', 0):,} val tokens, fingerprint {info.get('fingerprint')}")
+    # the peak is measured before a mesh is in context (the calibration matmul runs on one device)
+    peak, peak_src = hardware.peak_flops_per_device(cfg.model.dtype, override=cfg.flops.peak_flops)
     mesh = parallel.make_mesh(cfg)
     run = build(cfg, mesh)
-    say = (console.print if console is not None else print) if is_main else (lambda *a, **k: None)
-    info = source.info
-    say(f"data: {info.get('name', cfg.data.source)} {info.get('n_train_tokens', 0):,} train / "
-        f"{info.get('n_val_tokens', 0):,} val tokens, fingerprint {info.get('fingerprint')}")
 
+    os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every)
     stop = _StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -342,7 +384,7 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
             latest = ckpt.latest_step()
             if latest is not None:
                 state, data_state, _ = ckpt.restore(latest, run.abstract_state)
-                it.set_state(data_state)
+                _restore_data(it, data_state, info)
                 say(f"resumed from step {latest} in {workdir}")
             else:
                 state = run.init_state()
@@ -352,7 +394,6 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
             compile_s = time.perf_counter() - t0
             xla = flops_lib.xla_flops_per_step(cfg, mesh, lowered)
             ana = flops_lib.analytic_flops(cfg)
-            peak, peak_src = hardware.peak_flops_per_device(cfg.model.dtype, override=cfg.flops.peak_flops)
             n_dev = jax.device_count()
             tokens_per_step = t.batch_size * cfg.model.seq_len
             say(f"compiled train step in {compile_s:.1f} s; model FLOPs/step {ana['model_flops_per_step']:.3e} "
@@ -396,9 +437,9 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
                     last_metrics = row
                     bar.update(step, row)
                     interval_t, interval_steps = time.perf_counter(), 0  # eval/logging excluded
-                ckpt.save(step, state, it.get_state(), cfg.to_dict(), force=step == t.steps)
+                ckpt.save(step, state, _data_state(it, info), cfg.to_dict(), force=step == t.steps)
                 if stop.signum is not None:
-                    ckpt.save(step, state, it.get_state(), cfg.to_dict(), force=True)
+                    ckpt.save(step, state, _data_state(it, info), cfg.to_dict(), force=True)
                     ckpt.wait()
                     bar.close()
                     say(f"stopped by signal {stop.signum} at step {step}; checkpoint written. "
@@ -429,7 +470,7 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
         "xla_flops_per_step": xla["xla_flops_per_step"],
         "xla_flops_raw": xla["xla_flops_raw"],
         "xla_flops_correction": xla["correction"],
-        "xla_vs_analytic_full": xla["xla_flops_per_step"] / ana["hardware_flops_per_step"],
+        "xla_vs_analytic_hardware": xla["xla_flops_per_step"] / ana["hardware_flops_per_step"],
         "peak_flops_per_s": peak,
         "peak_flops_source": peak_src,
         "mfu": ana["model_flops_per_step"] / step_time / (n_dev * peak),

@@ -235,7 +235,8 @@ def config_file(tmp_path):
 def test_cli_overrides_parse_typed_fields(config_file):
     cfg = parse_cli(["prog", f"--config={config_file}:tiny", "--config.model.n_layers=3",
                      "--config.model.n_kv_heads=2", "--config.flops.peak_flops=1e12",
-                     "--config.data.path=/data/x.bin", "--config.model.tie_embeddings=false",
+                     "--config.data.source=memmap", "--config.data.path=/data/x.bin",
+                     "--config.model.tie_embeddings=false",
                      "--config.train.lr=1e-3"])
     assert cfg.model.d_model == 64 and cfg.model.seq_len == 32  # from get_config("tiny")
     assert cfg.model.n_layers == 3 and type(cfg.model.n_layers) is int
