@@ -271,3 +271,31 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
                       f"that axis); change the value or the mesh")
     cfg.lock()
     return cfg
+
+
+def load_config(path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the config file at ``path``, as ``--config=path:arg`` would load it.
+
+    Lets one experiment config start from another (e.g. every family from ``transformer.py``'s
+    sizes) without copying it.
+    """
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"_efficient_arch_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def pick_size(family: str, table: dict, arg: str | None, default: str = "small") -> str:
+    """The size name ``arg`` (``default`` when None) after checking it is a key of ``table``.
+
+    Raises:
+      ValueError: unknown size, listing the known ones.
+    """
+    size = arg or default
+    if size not in table:
+        raise ValueError(f"unknown {family} size {size!r}; choose one of {sorted(table)}")
+    return size

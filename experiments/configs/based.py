@@ -13,8 +13,11 @@ feature dim 16 for the Taylor map, window 64 (16 / 32 at the CPU sizes, whose co
 the transformer's.
 """
 
-import importlib.util
 import pathlib
+
+from efficient_arch.config import load_config, pick_size
+
+HERE = pathlib.Path(__file__).parent
 
 #        feature_dim window chunk_size
 BASED = {
@@ -24,24 +27,14 @@ BASED = {
 }
 
 
-def _transformer():
-    path = pathlib.Path(__file__).with_name("transformer.py")
-    spec = importlib.util.spec_from_file_location("_efficient_arch_transformer_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def get_config(arg: str | None = None):
     """Return the Based hybrid config for size ``arg`` (default ``small``).
 
     Raises:
       ValueError: unknown size, listing the known ones.
     """
-    size = arg or "small"
-    if size not in BASED:
-        raise ValueError(f"unknown based size {size!r}; choose one of {sorted(BASED)}")
-    c = _transformer().get_config(size)
+    size = pick_size('based', BASED, arg)
+    c = load_config(HERE / "transformer.py", size)
     m = c.model
     m.mixer = "based"
     m.layer_pattern = ("based", "sliding_window")

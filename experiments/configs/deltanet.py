@@ -11,8 +11,11 @@ full-width q, k, v (no GQA), a conv and beta: ~4 d^2 parameters against the GQA 
 the same size (tests/test_mixers_deltanet.py checks 10%).
 """
 
-import importlib.util
 import pathlib
+
+from efficient_arch.config import load_config, pick_size
+
+HERE = pathlib.Path(__file__).parent
 
 #        chunk_size d_ff
 DELTANET = {
@@ -22,24 +25,14 @@ DELTANET = {
 }
 
 
-def _load(name):
-    path = pathlib.Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location("_efficient_arch_" + name[:-3] + "_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def make_config(mixer: str, table: dict, arg: str | None):
     """The transformer config of size ``arg`` with ``mixer`` and ``(chunk_size, d_ff)`` from ``table``.
 
     Raises:
       ValueError: unknown size, listing the known ones.
     """
-    size = arg or "small"
-    if size not in table:
-        raise ValueError(f"unknown {mixer} size {size!r}; choose one of {sorted(table)}")
-    c = _load("transformer.py").get_config(size)
+    size = pick_size(mixer, table, arg)
+    c = load_config(HERE / "transformer.py", size)
     m = c.model
     m.mixer = mixer
     m.chunk_size, m.d_ff = table[size]

@@ -9,8 +9,11 @@ so ``d_ff`` is reduced to keep the parameter count within ~2% of the transformer
 (tests/test_mixers_deltanet.py checks 10%).
 """
 
-import importlib.util
 import pathlib
+
+from efficient_arch.config import load_config, pick_size
+
+HERE = pathlib.Path(__file__).parent
 
 #        chunk_size d_ff
 GATED_DELTANET = {
@@ -20,18 +23,14 @@ GATED_DELTANET = {
 }
 
 
-def _deltanet():
-    path = pathlib.Path(__file__).with_name("deltanet.py")
-    spec = importlib.util.spec_from_file_location("_efficient_arch_deltanet_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def get_config(arg: str | None = None):
     """Return the Gated DeltaNet config for size ``arg`` (default ``small``).
 
     Raises:
       ValueError: unknown size, listing the known ones.
     """
-    return _deltanet().make_config("gated_deltanet", GATED_DELTANET, arg)
+    size = pick_size("gated_deltanet", GATED_DELTANET, arg)
+    c = load_config(HERE / "deltanet.py", size)
+    c.model.mixer = "gated_deltanet"
+    c.model.chunk_size, c.model.d_ff = GATED_DELTANET[size]
+    return c

@@ -11,8 +11,11 @@ within 4% of the transformer of the same size (measured with ``count_params``: t
 small 1.001, base 1.000).
 """
 
-import importlib.util
 import pathlib
+
+from efficient_arch.config import load_config, pick_size
+
+HERE = pathlib.Path(__file__).parent
 
 #        chunk_size d_ff
 GLA = {
@@ -22,24 +25,14 @@ GLA = {
 }
 
 
-def _transformer():
-    path = pathlib.Path(__file__).with_name("transformer.py")
-    spec = importlib.util.spec_from_file_location("_efficient_arch_transformer_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def get_config(arg: str | None = None):
     """Return the GLA config for size ``arg`` (default ``small``).
 
     Raises:
       ValueError: unknown size, listing the known ones.
     """
-    size = arg or "small"
-    if size not in GLA:
-        raise ValueError(f"unknown gla size {size!r}; choose one of {sorted(GLA)}")
-    c = _transformer().get_config(size)
+    size = pick_size('gla', GLA, arg)
+    c = load_config(HERE / "transformer.py", size)
     m = c.model
     m.mixer, m.mixer_form = "gla", "chunked"
     m.chunk_size, m.d_ff = GLA[size]

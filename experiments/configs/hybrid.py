@@ -11,8 +11,11 @@ stays within ~5% of the transformer of the same size (a Gated DeltaNet layer has
 parameters against the GQA attention layer's ~2.7 d^2).
 """
 
-import importlib.util
 import pathlib
+
+from efficient_arch.config import load_config, pick_size
+
+HERE = pathlib.Path(__file__).parent
 
 PATTERN = ("gated_deltanet", "gated_deltanet", "attention")
 #        n_layers d_ff chunk_size
@@ -23,24 +26,14 @@ HYBRID = {
 }
 
 
-def _transformer():
-    path = pathlib.Path(__file__).with_name("transformer.py")
-    spec = importlib.util.spec_from_file_location("_efficient_arch_transformer_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def get_config(arg: str | None = None):
     """Return the hybrid config for size ``arg`` (default ``small``).
 
     Raises:
       ValueError: unknown size, listing the known ones.
     """
-    size = arg or "small"
-    if size not in HYBRID:
-        raise ValueError(f"unknown hybrid size {size!r}; choose one of {sorted(HYBRID)}")
-    c = _transformer().get_config(size)
+    size = pick_size('hybrid', HYBRID, arg)
+    c = load_config(HERE / "transformer.py", size)
     m = c.model
     m.mixer = "attention"
     m.layer_pattern = PATTERN

@@ -10,8 +10,11 @@ so ``d_ff`` is reduced to keep the parameter count within 4% of the transformer 
 (measured with ``count_params``: tiny 0.965, small 0.985, base 0.996).
 """
 
-import importlib.util
 import pathlib
+
+from efficient_arch.config import load_config, pick_size
+
+HERE = pathlib.Path(__file__).parent
 
 #        chunk_size d_ff
 LINEAR_ATTENTION = {
@@ -21,24 +24,14 @@ LINEAR_ATTENTION = {
 }
 
 
-def _transformer():
-    path = pathlib.Path(__file__).with_name("transformer.py")
-    spec = importlib.util.spec_from_file_location("_efficient_arch_transformer_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def get_config(arg: str | None = None):
     """Return the linear-attention config for size ``arg`` (default ``small``).
 
     Raises:
       ValueError: unknown size, listing the known ones.
     """
-    size = arg or "small"
-    if size not in LINEAR_ATTENTION:
-        raise ValueError(f"unknown linear_attention size {size!r}; choose one of {sorted(LINEAR_ATTENTION)}")
-    c = _transformer().get_config(size)
+    size = pick_size('linear_attention', LINEAR_ATTENTION, arg)
+    c = load_config(HERE / "transformer.py", size)
     m = c.model
     m.mixer, m.mixer_form = "linear_attention", "chunked"
     m.feature_map, m.normalize = "elu", True

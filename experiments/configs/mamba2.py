@@ -10,8 +10,11 @@ transformer of the same size (a Mamba-2 layer with expand 2 has ~6 d^2 parameter
 attention layer's 2-4 d^2); the comparison is then at equal parameters and equal depth.
 """
 
-import importlib.util
 import pathlib
+
+from efficient_arch.config import load_config, pick_size
+
+HERE = pathlib.Path(__file__).parent
 
 #       head_dim state_size chunk_size d_ff
 MAMBA2 = {
@@ -21,24 +24,14 @@ MAMBA2 = {
 }
 
 
-def _transformer():
-    path = pathlib.Path(__file__).with_name("transformer.py")
-    spec = importlib.util.spec_from_file_location("_efficient_arch_transformer_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def get_config(arg: str | None = None):
     """Return the Mamba-2 config for size ``arg`` (default ``small``).
 
     Raises:
       ValueError: unknown size, listing the known ones.
     """
-    size = arg or "small"
-    if size not in MAMBA2:
-        raise ValueError(f"unknown mamba2 size {size!r}; choose one of {sorted(MAMBA2)}")
-    c = _transformer().get_config(size)
+    size = pick_size('mamba2', MAMBA2, arg)
+    c = load_config(HERE / "transformer.py", size)
     m = c.model
     m.mixer = "mamba2"
     m.head_dim, m.state_size, m.chunk_size, m.d_ff = MAMBA2[size]

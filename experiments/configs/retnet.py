@@ -10,8 +10,11 @@ width 2d would be 8 d^2), so ``d_ff`` is reduced to keep the parameter count wit
 transformer of the same size (measured with ``count_params``: tiny 1.037, small 0.985, base 0.996).
 """
 
-import importlib.util
 import pathlib
+
+from efficient_arch.config import load_config, pick_size
+
+HERE = pathlib.Path(__file__).parent
 
 #        chunk_size d_ff
 RETNET = {
@@ -21,24 +24,14 @@ RETNET = {
 }
 
 
-def _transformer():
-    path = pathlib.Path(__file__).with_name("transformer.py")
-    spec = importlib.util.spec_from_file_location("_efficient_arch_transformer_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def get_config(arg: str | None = None):
     """Return the RetNet config for size ``arg`` (default ``small``).
 
     Raises:
       ValueError: unknown size, listing the known ones.
     """
-    size = arg or "small"
-    if size not in RETNET:
-        raise ValueError(f"unknown retnet size {size!r}; choose one of {sorted(RETNET)}")
-    c = _transformer().get_config(size)
+    size = pick_size('retnet', RETNET, arg)
+    c = load_config(HERE / "transformer.py", size)
     m = c.model
     m.mixer, m.mixer_form = "retnet", "chunked"
     m.chunk_size, m.d_ff = RETNET[size]

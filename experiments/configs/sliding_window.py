@@ -9,18 +9,13 @@ context (16 / 32 / 256 tokens). The blocked training form (``mixer_form="chunked
 ``O(T W)`` attention FLOPs; ``"quadratic"`` runs the masked full-square XLA form instead.
 """
 
-import importlib.util
 import pathlib
 
+from efficient_arch.config import load_config, pick_size
+
+HERE = pathlib.Path(__file__).parent
+
 WINDOW = {"tiny": 16, "small": 32, "base": 256}
-
-
-def _transformer():
-    path = pathlib.Path(__file__).with_name("transformer.py")
-    spec = importlib.util.spec_from_file_location("_efficient_arch_transformer_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def get_config(arg: str | None = None):
@@ -29,10 +24,8 @@ def get_config(arg: str | None = None):
     Raises:
       ValueError: unknown size, listing the known ones.
     """
-    size = arg or "small"
-    if size not in WINDOW:
-        raise ValueError(f"unknown sliding_window size {size!r}; choose one of {sorted(WINDOW)}")
-    c = _transformer().get_config(size)
+    size = pick_size('sliding_window', WINDOW, arg)
+    c = load_config(HERE / "transformer.py", size)
     c.model.mixer = "sliding_window"
     c.model.window_size = WINDOW[size]
     c.model.mixer_form = "chunked"

@@ -10,7 +10,7 @@ bench  the performance issue's CPU reference config (d_model 512, 8 layers, voca
        seq_len 512, batch 8).
 """
 
-from efficient_arch.config import default_config
+from efficient_arch.config import default_config, pick_size
 
 SIZES = {
     #        d_model n_layers n_heads n_kv d_ff  seq_len batch steps  lr
@@ -27,9 +27,7 @@ def get_config(arg: str | None = None):
     Raises:
       ValueError: unknown size, listing the known ones.
     """
-    size = arg or "small"
-    if size not in SIZES:
-        raise ValueError(f"unknown transformer size {size!r}; choose one of {sorted(SIZES)}")
+    size = pick_size('transformer', SIZES, arg)
     d, n_layers, heads, kv, d_ff, seq, batch, steps, lr = SIZES[size]
     c = default_config()
     m = c.model
