@@ -21,7 +21,7 @@ train: venv
 	$(BIN)/efficient-arch train --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: venv
-	$(BIN)/python -m pytest -q -n $(JOBS) tests
+	$(BIN)/python -m pytest -q -n $(JOBS) --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -1,6 +1,6 @@
 """Shared test setup: a repo-local persistent JAX compilation cache and tiny configs.
 
-float64 is *not* enabled globally; a test that needs it uses ``jax.experimental.enable_x64()``
+float64 is *not* enabled globally; a test that needs it uses ``jax.enable_x64(True)``
 as a context manager.
 """
 
@@ -10,6 +10,8 @@ import os
 import pathlib
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from efficient_arch.config import default_config
@@ -57,3 +59,34 @@ def make_tiny_config(**overrides):
 def tiny_config():
     """Factory fixture: ``tiny_config(model__n_layers=3, ...)`` -> unfinalized ConfigDict."""
     return make_tiny_config
+
+
+def numpy_init_state(run, seed=0):
+    """A train state with numpy-drawn parameters in the library's init distributions (weights
+    N(0, 0.02^2), norms / D = 1, biases 0, conv taps N(0, 0.3^2), Mamba-style A in [1, 16] and
+    softplus(dt_bias) log-uniform in [1e-3, 1e-1]). Skips compiling ``run.init_state`` (a PRNG
+    program over every parameter, the slowest compile of these tests on a cold cache); the
+    library init itself is tested in test_model.py."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        key = jax.tree_util.keystr(path)
+        if "A_log" in key:
+            x = np.log(rng.uniform(1.0, 16.0, s.shape))
+        elif "dt_bias" in key:
+            dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), s.shape))
+            x = dt + np.log(-np.expm1(-dt))
+        elif "scale" in key or "'D'" in key:
+            x = np.ones(s.shape)
+        elif "bias" in key:
+            x = np.zeros(s.shape)
+        elif "conv" in key:
+            x = 0.3 * rng.standard_normal(s.shape)
+        else:
+            x = 0.02 * rng.standard_normal(s.shape)
+        return jnp.asarray(x, s.dtype)
+
+    params = jax.tree_util.tree_map_with_path(fill, run.abstract_state["params"])
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(run.tx.init)(params),
+             "rng": jax.random.key_data(jax.random.key(seed + 1))}
+    return jax.device_put(state, run.state_shardings)

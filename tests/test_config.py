@@ -7,8 +7,6 @@ import pathlib
 import re
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from efficient_arch import cli
 from efficient_arch.config import ConfigError, default_config, finalize, mesh_shape

@@ -290,7 +290,6 @@ def _byte_source(cfg, name: str, cfg_path: str | None, files: list[tuple[str, st
         entries.append((rel, hashlib.sha256(data).hexdigest()))
         sizes.append(len(data))
     fp = fingerprint_of(entries)
-    rels = [r for r, _ in files]
     n_bytes = int(sum(sizes))
     if len(files) == 1 and sizes[0] == 0:
         raise ValueError(f"config.data.path={cfg_path!r}: the only file {files[0][1]!r} is empty; fix data.path")

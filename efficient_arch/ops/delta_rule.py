@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 
 from efficient_arch.ops import scan as _scan
