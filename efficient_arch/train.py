@@ -485,6 +485,12 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
         "val_bpb": val.get("val_bpb"),
         "data": {k: v for k, v in info.items() if isinstance(v, (int, float, str, type(None)))},
     }
+    if summary["mfu"] > 1 or summary["hfu"] > 1:  # never report >100% silently
+        summary["accounting_error"] = (
+            f"MFU {summary['mfu']:.1%} / HFU {summary['hfu']:.1%} exceed 100%: the peak "
+            f"({peak:.3e} FLOP/s, {peak_src}) or the FLOP count is wrong; pass the right "
+            "--config.flops.peak_flops")
+        say(f"ACCOUNTING ERROR: {summary['accounting_error']}")
     if is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

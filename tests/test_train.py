@@ -354,3 +354,14 @@ def test_nan_gradients_never_checkpointed(tiny_config, corpus, tmp_path, monkeyp
             state, _, _ = ck.restore(s, run.abstract_state)
             for path, x in jax.tree_util.tree_leaves_with_path(state["params"]):
                 assert np.isfinite(np.asarray(x)).all(), f"checkpoint {s}: {jax.tree_util.keystr(path)} non-finite"
+
+
+def test_mfu_above_one_is_flagged_not_silent(tiny_config, corpus, tmp_path):
+    """A peak far below what the CPU achieves makes MFU > 100%: the summary names the
+    accounting error and the fix instead of reporting it as a result."""
+    cfg = loop_config(tiny_config, corpus, train__steps=3, flops__peak_flops=1e6)
+    s = train.run_training(cfg, str(tmp_path), progress=False)
+    assert s["mfu"] > 1
+    assert "exceed 100%" in s["accounting_error"] and "flops.peak_flops" in s["accounting_error"]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["accounting_error"] == s["accounting_error"]
