@@ -19,9 +19,20 @@ recurrent forms and the chunk loop of the chunked forms).
 
 Skips: a combination is skipped (and reported as ``skipped (reason)``) when its compiled memory
 footprint exceeds ``--mem-gib``, or when its predicted measuring time (warm-up + runs, extrapolated
-linearly in T from the same mixer/form at the previous T) exceeds ``--max-combo-s``.
+from the same mixer/form at shorter T) exceeds ``--max-combo-s``; a quadratic form over the memory
+budget at a shorter T is skipped at longer T without compiling.
 
-``--breakdown-seq T`` (default 2048; 0 disables) adds, for every chunked form, a decomposition at
+Allocator note: XLA:CPU allocates an executable's temporaries afresh on every call; with glibc's
+default malloc these large blocks are new ``mmap``s, so every step page-faults its whole temporary
+footprint (the ``sys_s_per_step`` and ``minor_faults_per_step`` fields measure it).
+``--malloc-tunables`` re-runs the benchmark under ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
+glibc.malloc.trim_threshold=<64 GiB>:glibc.malloc.arena_max=1`` (freed blocks stay mapped and are
+reused) for an A/B comparison.
+
+``--quick`` is a smoke run (d_model 64, T 64/128, XLA optimisations off to halve compile times;
+~40 s on 2 idle cores): its numbers are not comparable to a full run.
+
+``--breakdown-seq T`` (default 2048; off with --quick; 0 disables) adds, for every chunked form, a decomposition at
 that T: the core op alone (``gated_linear_attention`` / ``delta_rule`` on inputs of the shapes the
 mixer feeds it), a *matmul skeleton* of the op (only its matmuls, at the op's shapes, no masks,
 decays or sequential loop: the FLOPs the analytic count charges to the core), and the rest of the
@@ -30,9 +41,9 @@ against a measured memory bandwidth.
 
 Usage::
 
-    python benchmarks/mixers.py [--seq 512,2048,8192] [--mixers a,b] [--quick]
+    python benchmarks/mixers.py [--seq 512,2048,8192] [--mixers a,b] [--quick] [--malloc-tunables]
 
-Writes ``benchmarks/results/mixers_<date>[_quick|_partial].json`` and prints a table.
+Writes ``benchmarks/results/mixers_<date>[_quick|_partial][_malloc].json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -45,11 +56,17 @@ import math
 import os
 import platform
 import re
+import resource
 import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
+
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
+if __name__ == "__main__" and "--malloc-tunables" in sys.argv and os.environ.get("GLIBC_TUNABLES") != TUNABLES:
+    os.environ["GLIBC_TUNABLES"] = TUNABLES  # read by glibc at process start: re-exec (before jax)
+    os.execv(sys.executable, [sys.executable] + sys.argv)
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +124,7 @@ def machine_info() -> dict:
             "machine": platform.machine(), "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
             "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "load_avg_start": os.getloadavg()}
 
 
@@ -188,16 +206,24 @@ def _cost(compiled) -> dict:
     return {"xla_flops": ca.get("flops"), "xla_bytes_accessed": ca.get("bytes_accessed")}
 
 
-def _time_calls(compiled, args, runs: int) -> tuple[float, list[float]]:
+def _time_calls(compiled, args, runs: int) -> tuple[float, list[float], dict]:
+    """Warm-up call (excluded) then ``runs`` timed calls; also CPU user/system seconds and minor
+    page faults per timed call (``getrusage``: the system time is mostly the kernel faulting in
+    the executable's freshly allocated temporaries)."""
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))  # warm-up, excluded
     warm = time.perf_counter() - t0
     times = []
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(runs):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
-    return warm, times
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    ru = {"user_s_per_step": (r1.ru_utime - r0.ru_utime) / runs,
+          "sys_s_per_step": (r1.ru_stime - r0.ru_stime) / runs,
+          "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / runs}
+    return warm, times, ru
 
 
 def randn(shape, scale: float = 1.0, seed: int = 0) -> jax.Array:
@@ -248,7 +274,7 @@ def fmt_reason(e: BaseException) -> str:
 # ----------------------------------------------------------------------------- main table
 
 
-def run_combo(mixer, label, form, seq, batch, sizes, args, peak, prev) -> dict:
+def run_combo(mixer, label, form, seq, batch, sizes, args, peak, hist) -> dict:
     mcfg = model_cfg(mixer, form, seq, sizes)
     cls = registry.get_mixer(mixer)
     tokens = batch * seq
@@ -258,15 +284,29 @@ def run_combo(mixer, label, form, seq, batch, sizes, args, peak, prev) -> dict:
            "tokens": tokens, "model_flops_per_step": 3.0 * fwd_model * tokens,
            "executed_flops_per_step": 3.0 * fwd_exec * tokens,
            "fwd_flops_per_token_causal": fwd_model, "status": "ok"}
-    # Time prediction from the same mixer/form at the previous (shorter) T: linear in T (the
-    # quadratic forms' work per token and the recurrent forms' sequential steps both grow ~T).
-    if prev is not None:
-        pred = prev["step_s"] * seq / prev["seq_len"]
+    # Skip predictions from the same mixer/form at shorter T (``hist``: rows measured or skipped
+    # before, shortest first). Time: a power law through the last two measured points (exponent
+    # clamped to [0, 2]); from one point: linear in T for quadratic/softmax forms (per-token work
+    # ~T at a constant token count), constant for chunked/recurrent/blocked forms (per-token work
+    # independent of T). Memory: a quadratic/softmax form skipped for memory at a shorter T is
+    # skipped without compiling.
+    measured = [h for h in hist if h.get("step_s")]
+    if measured:
+        last = measured[-1]
+        expo = 1.0 if label in ("quadratic", "softmax") else 0.0
+        if len(measured) >= 2:
+            a0, a1 = measured[-2], measured[-1]
+            expo = math.log(a1["step_s"] / a0["step_s"]) / math.log(a1["seq_len"] / a0["seq_len"])
+            expo = min(max(expo, 0.0), 2.0)
+        pred = last["step_s"] * (seq / last["seq_len"]) ** expo
         row["predicted_step_s"] = pred
         if pred * (args.runs + 1) > args.max_combo_s:
-            row["status"] = (f"skipped (predicted {pred:.1f} s/step x {args.runs + 1} calls > "
-                             f"{args.max_combo_s:.0f} s budget; T={prev['seq_len']} took {prev['step_s']:.2f} s)")
+            row["status"] = (f"skipped (predicted {pred:.0f} s/step x {args.runs + 1} calls > "
+                             f"{args.max_combo_s:.0f} s; T={last['seq_len']}: {last['step_s']:.1f} s/step)")
             return row
+    if label in ("quadratic", "softmax") and any(h["status"].startswith("skipped (compiled memory") for h in hist):
+        row["status"] = "skipped (memory: over budget at a shorter T, O(T^2) per sequence)"
+        return row
     try:
         fn, fargs = mixer_step(mcfg, batch)
         compiled, comp_s = _timed_compile(fn, *fargs)
@@ -277,7 +317,8 @@ def run_combo(mixer, label, form, seq, batch, sizes, args, peak, prev) -> dict:
         if mem is not None and mem > args.mem_gib * 2**30:
             row["status"] = f"skipped (compiled memory {mem / 2**30:.1f} GiB > {args.mem_gib:g} GiB budget)"
             return row
-        warm, times = _time_calls(compiled, fargs, args.runs)
+        warm, times, ru = _time_calls(compiled, fargs, args.runs)
+        row.update(ru, load_avg_1min=os.getloadavg()[0])  # other work on the machine skews timings
     except Exception as e:  # noqa: BLE001
         row["status"] = f"error ({fmt_reason(e)})"
         if args.verbose:
@@ -287,7 +328,7 @@ def run_combo(mixer, label, form, seq, batch, sizes, args, peak, prev) -> dict:
     row.update(warmup_s=warm, times_s=times, step_s=step, tokens_per_s=tokens / step,
                model_flops_per_s=row["model_flops_per_step"] / step,
                executed_flops_per_s=row["executed_flops_per_step"] / step,
-               mfu=row["model_flops_per_step"] / step / peak)
+               min_step_s=min(times), mfu=row["model_flops_per_step"] / step / peak)
     if row.get("xla_bytes_accessed"):
         row["xla_bytes_per_s"] = row["xla_bytes_accessed"] / step
     return row
@@ -412,7 +453,7 @@ def _skeleton(kind: str, shapes: dict, chunk: int):
 
 def _time_fn(fn, fargs, runs):
     compiled, comp_s = _timed_compile(fn, *fargs)
-    _, times = _time_calls(compiled, fargs, runs)
+    _, times, _ = _time_calls(compiled, fargs, runs)
     return statistics.median(times), comp_s, _cost(compiled)
 
 
@@ -422,7 +463,6 @@ def breakdown(mixer: str, row: dict, sizes: dict, args, peak: float, bandwidth: 
     if spec is None:
         return None
     kind, arrs = spec
-    cls = registry.get_mixer(mixer)
     out = {"mixer": mixer, "seq_len": row["seq_len"], "batch": row["batch"], "total_s": row["step_s"]}
     try:
         core_args = tuple(arrs[k] for k in (("q", "k", "v", "g") if kind == "gla" else ("q", "k", "v", "beta", "g")))
@@ -470,7 +510,6 @@ def breakdown(mixer: str, row: dict, sizes: dict, args, peak: float, bandwidth: 
         core_bytes_per_s=(core_cost.get("xla_bytes_accessed") or 0.0) / core_s,
         core_frac_bandwidth=(core_cost.get("xla_bytes_accessed") or 0.0) / core_s / bandwidth,
     )
-    del cls
     return out
 
 
@@ -480,11 +519,12 @@ def breakdown(mixer: str, row: dict, sizes: dict, args, peak: float, bandwidth: 
 def _fmt_row(r: dict) -> list[str]:
     if r["status"] != "ok":
         return [r["mixer"], r["form"], str(r["seq_len"]), str(r["batch"]), "-", "-",
-                f"{r['model_flops_per_step'] / 1e9:.1f}", "-", "-",
+                f"{r['model_flops_per_step'] / 1e9:.1f}", "-", "-", "-",
                 f"{r['compile_s']:.1f}" if "compile_s" in r else "-", r["status"]]
     return [r["mixer"], r["form"], str(r["seq_len"]), str(r["batch"]), f"{r['step_s']:.3f}",
             f"{r['tokens_per_s']:,.0f}", f"{r['model_flops_per_step'] / 1e9:.1f}",
-            f"{r['model_flops_per_s'] / 1e9:.1f}", f"{100 * r['mfu']:.1f}", f"{r['compile_s']:.1f}", "ok"]
+            f"{r['model_flops_per_s'] / 1e9:.1f}", f"{100 * r['mfu']:.1f}",
+            f"{100 * r['sys_s_per_step'] / r['step_s']:.0f}", f"{r['compile_s']:.1f}", "ok"]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -495,7 +535,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 MAIN_HEADER = ["mixer", "form", "T", "B", "step s", "tokens/s", "model GFLOP", "GFLOP/s", "MFU %",
-               "compile s", "status"]
+               "sys %", "compile s", "status"]
 BREAK_HEADER = ["mixer", "T", "layer s", "core op s (share)", "core GFLOP/s", "skeleton GFLOP/s (% peak)",
                 "core non-matmul s", "rest s", "rest GFLOP/s (% peak)", "layer GB/s (% BW)"]
 
@@ -534,6 +574,8 @@ def parse_args(argv=None):
                    "(default 2048; --quick: off; 0 disables)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/mixers_<date>[_quick|"
                    "_partial].json)")
+    p.add_argument("--malloc-tunables", action="store_true", help="re-exec under GLIBC_TUNABLES that keep "
+                   "freed memory mapped (no per-step page faults of XLA temporaries); for A/B runs")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed combinations")
     a = p.parse_args(argv)
     if a.runs < 3:
@@ -590,14 +632,14 @@ def main(argv=None) -> int:
     rows, breaks, kinds_done = [], [], set()
     for mixer in mixers:
         for label, form in FORMS.get(mixer, DEFAULT_FORMS):
-            prev = None
+            hist = []
             for seq in sorted(seqs):
                 batch = sizes["tokens"] // seq
-                row = run_combo(mixer, label, form, seq, batch, sizes, args, peak, prev)
+                row = run_combo(mixer, label, form, seq, batch, sizes, args, peak, hist)
+                hist.append(row)
                 rows.append(row)
                 print("  " + " | ".join(_fmt_row(row)), flush=True)
                 if row["status"] == "ok":
-                    prev = row
                     kind = _core_kind(mixer)
                     if label == "chunked" and seq == bseq and kind and not (args.quick and kind in kinds_done):
                         kinds_done.add(kind)  # --quick: one mixer per core op (a smoke test of the code)
@@ -605,15 +647,14 @@ def main(argv=None) -> int:
                         if b is not None:
                             breaks.append(b)
                             print("    breakdown: " + " | ".join(_fmt_break(b, peak)), flush=True)
-                elif row["status"].startswith("skipped") and prev is not None:
-                    prev = dict(prev, step_s=row.get("predicted_step_s", prev["step_s"]), seq_len=seq)
                 gc.collect()
 
     wall = time.perf_counter() - t_start
     info["load_avg_end"] = os.getloadavg()
     print()
     print(f"Mixer layer fwd+bwd, float32, {sizes['tokens']} tokens/step, d_model {sizes['d_model']}; model FLOPs = "
-          f"3 x flops_per_token(causal) x tokens; MFU vs {peak / 1e9:.1f} GFLOP/s")
+          f"3 x flops_per_token(causal) x tokens; MFU vs {peak / 1e9:.1f} GFLOP/s; sys % = kernel CPU time "
+          f"(page faults) / step time")
     print(markdown_table(MAIN_HEADER, [_fmt_row(r) for r in rows]))
     if breaks:
         print()
@@ -624,6 +665,8 @@ def main(argv=None) -> int:
 
     date = datetime.date.today().isoformat()
     default_suffix = "_quick" if args.quick else ("_partial" if (args.mixers or args.seq or args.tokens) else "")
+    if args.malloc_tunables:
+        default_suffix += "_malloc"
     out = Path(args.out) if args.out else ROOT / "results" / f"mixers_{date}{default_suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
