@@ -90,3 +90,13 @@ def numpy_init_state(run, seed=0):
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(run.tx.init)(params),
              "rng": jax.random.key_data(jax.random.key(seed + 1))}
     return jax.device_put(state, run.state_shardings)
+
+
+def build_mixer(cfg_model, seed: int = 0):
+    """The registered mixer ``cfg_model.mixer`` built alone (no eager sharding), params seeded."""
+    from flax import nnx
+
+    from efficient_arch.models import registry
+
+    with nnx.use_eager_sharding(False):
+        return registry.get_mixer(cfg_model.mixer)(cfg_model, rngs=nnx.Rngs(seed))

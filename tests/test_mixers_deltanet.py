@@ -21,7 +21,7 @@ from efficient_arch.config import finalize
 from efficient_arch.models import registry
 from efficient_arch.ops.delta_rule import flops_delta_rule
 
-from conftest import REPO_ROOT, make_tiny_config
+from conftest import REPO_ROOT, build_mixer, make_tiny_config
 
 MIXERS = ["deltanet", "gated_deltanet"]
 B, T = 2, 11
@@ -32,15 +32,10 @@ def mixer_cfg(mixer, **kw):
     return finalize(make_tiny_config(model__mixer=mixer, **kw)).model
 
 
-def build(cfg, seed=0):
-    with nnx.use_eager_sharding(False):
-        return registry.get_mixer(cfg.mixer)(cfg, rngs=nnx.Rngs(seed))
-
-
 @functools.lru_cache(maxsize=None)
 def forward_fn(mixer, form, dtype="float32"):
     """``(module, jitted f(state, x, segment_ids))`` for one mixer/form; same params for every form."""
-    module = build(mixer_cfg(mixer, model__mixer_form=form, model__dtype=dtype))
+    module = build_mixer(mixer_cfg(mixer, model__mixer_form=form, model__dtype=dtype))
     graphdef, state = nnx.split(module)
     f = jax.jit(lambda st, x, seg: nnx.merge(graphdef, st)(x, segment_ids=seg))
     return module, state, f
@@ -122,7 +117,7 @@ def test_flops_per_token_vs_xla(mixer):
     for form in ("chunked", "recurrent"):
         cfg = mixer_cfg(mixer, model__d_model=d, model__n_heads=h, model__seq_len=t,
                         model__chunk_size=c, model__mixer_form=form)
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: build(cfg)))
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: build_mixer(cfg)))
         lowered = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)).lower(state, x)
         xla = lowered.cost_analysis()["flops"]
         ana = registry.get_mixer(mixer).flops_per_token(cfg, t) * b * t
@@ -146,4 +141,4 @@ def _config_module(name):
 
 def test_quadratic_form_rejected():
     with pytest.raises(ValueError, match="mixer_form"):
-        build(mixer_cfg("deltanet", model__mixer_form="quadratic"))
+        build_mixer(mixer_cfg("deltanet", model__mixer_form="quadratic"))

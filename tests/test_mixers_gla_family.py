@@ -21,7 +21,7 @@ from flax import nnx
 from efficient_arch.config import finalize
 from efficient_arch.models import registry
 
-from conftest import REPO_ROOT, make_tiny_config
+from conftest import REPO_ROOT, build_mixer, make_tiny_config
 
 MIXERS = ["linear_attention", "retnet", "gla"]
 # name -> (mixer, config overrides)
@@ -43,15 +43,10 @@ def mixer_cfg(variant, **kw):
     return finalize(make_tiny_config(model__mixer=mixer, **kw)).model
 
 
-def build(cfg, seed=0):
-    with nnx.use_eager_sharding(False):
-        return registry.get_mixer(cfg.mixer)(cfg, rngs=nnx.Rngs(seed))
-
-
 @functools.lru_cache(maxsize=None)
 def forward_fn(variant, form, dtype="float32"):
     """``(module, state, jitted f(state, x, segment_ids))``; the same params for every form."""
-    module = build(mixer_cfg(variant, model__mixer_form=form, model__dtype=dtype))
+    module = build_mixer(mixer_cfg(variant, model__mixer_form=form, model__dtype=dtype))
     graphdef, state = nnx.split(module)
     f = jax.jit(lambda st, x, seg: nnx.merge(graphdef, st)(x, segment_ids=seg))
     return module, state, f
@@ -145,7 +140,7 @@ def test_flops_per_token_vs_xla(variant, d, h):
     for form in forms:
         cfg = mixer_cfg(variant, model__d_model=d, model__n_heads=h, model__seq_len=t, model__chunk_size=64,
                         model__mixer_form=form)
-        module = nnx.eval_shape(lambda: build(cfg))
+        module = nnx.eval_shape(lambda: build_mixer(cfg))
         graphdef, state = nnx.split(module)
         if form == "recurrent":
             cache = jax.eval_shape(lambda: module.init_cache(b, t))
