@@ -216,6 +216,11 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
         if name not in mixers:
             field = "model.layer_pattern" if m.layer_pattern is not None else "model.mixer"
             _fail(field, name, f"unknown sequence mixer; registered mixers: {sorted(mixers)}")
+    for name in dict.fromkeys(pattern):
+        forms = getattr(registry.get_mixer(name), "forms", None)  # mixers without every form say so
+        if forms is not None and m.mixer_form not in forms:
+            _fail("model.mixer_form", m.mixer_form, f"mixer {name!r} runs the forms {tuple(forms)}; "
+                  "choose one of them")
     if "mamba2" in pattern and (m.expand * m.d_model) % m.head_dim:
         _fail("model.head_dim", m.head_dim, f"Mamba-2 splits its inner width expand*d_model="
               f"{m.expand * m.d_model} into heads of head_dim; choose a divisor")

@@ -292,3 +292,9 @@ def test_cli_with_repo_transformer_config():
     assert cfg.model.n_layers == 3 and cfg.model.n_kv_heads == 2 and cfg.flops.peak_flops == 1e12
     f = finalize(cfg)
     assert f.model.n_heads % f.model.n_kv_heads == 0
+
+
+def test_mixer_form_a_mixer_does_not_run(tiny_config):
+    c = tiny_config(model__mixer="deltanet", model__mixer_form="quadratic")
+    with pytest.raises(ConfigError, match=r"model.mixer_form.*deltanet"):
+        finalize(c)

@@ -139,3 +139,17 @@ def test_analytic_flops_match_xla(mixer):
     xla = flops.xla_flops_per_step(cfg, mesh)["xla_flops_per_step"]
     ana = flops.analytic_flops(cfg)["hardware_flops_per_step"]
     assert 1.0 <= xla / ana <= 1.05, (mixer, xla / ana)
+
+
+def test_decode_beyond_the_kv_cache_is_loud():
+    """A KV cache of max_len slots cannot hold token max_len: the logits are NaN, never a
+    silently wrong distribution (a clamped write would overwrite the last slot)."""
+    cfg = finalize(_cfg("attention", model__seq_len=8))
+    model = new_model(cfg.model, 0)
+    cache = model.init_cache(1, 4)
+    tok = jnp.zeros((1, 1), jnp.int32)
+    for t in range(4):
+        logits, cache = model.decode(tok, cache, position=jnp.int32(t))
+        assert np.isfinite(np.asarray(logits)).all()
+    logits, _ = model.decode(tok, cache, position=jnp.int32(4))
+    assert np.isnan(np.asarray(logits)).all()

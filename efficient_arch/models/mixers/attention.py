@@ -79,6 +79,7 @@ class Attention(nnx.Module):
 
         Writes this token's key/value at ``position`` and attends to cache entries ``<= position``
         (2 n_heads head_dim max_len FLOPs per score/value product: the whole cache is read).
+        ``position >= max_len`` (beyond the cache) yields NaN outputs rather than wrong ones.
         """
         b = x.shape[0]
         pos = jnp.asarray(position, jnp.int32)
@@ -87,6 +88,9 @@ class Attention(nnx.Module):
                  "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(self.dtype), pos, axis=1)}
         visible = (jnp.arange(cache["k"].shape[1]) <= pos)[None, None, None, :]
         o = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=visible, implementation="xla")
+        # past the cache the write above would be clamped to the last slot: make that loud (NaN),
+        # never a silently wrong token (a traced position cannot raise inside jit)
+        o = jnp.where(pos < cache["k"].shape[1], o, jnp.nan)
         return matmul("bthk,hkd->btd", o.astype(self.dtype), self.wo[...], self.dtype), cache
 
     @staticmethod

@@ -55,6 +55,7 @@ class DeltaNet(nnx.Module):
     """DeltaNet sequence mixer (module docstring). ``cfg`` is the finalized ``config.model``."""
 
     gated = False  # Gated DeltaNet: scalar data-dependent decay per head + SiLU output gate
+    forms = FORMS  # the model.mixer_form values this mixer runs (config validation reads it)
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, h, hd, w = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.conv_width
