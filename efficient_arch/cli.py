@@ -180,6 +180,12 @@ def cmd_flops(argv: list[str]) -> int:
     out = {**count_params(cfg.model), **ana, **xla,
            "xla_vs_analytic_hardware": xla["xla_flops_per_step"] / ana["hardware_flops_per_step"],
            "bytes_accessed_raw": ca.get("bytes_accessed"),
+           # FLOPs per byte of the same (rolled) program XLA analysed: loops count once in both
+           "arithmetic_intensity_raw": (xla["xla_flops_raw"] / ca["bytes_accessed"]
+                                        if ca.get("bytes_accessed") else None),
+           # per device: arguments + outputs - donated aliases + XLA temporaries
+           "memory_per_device_bytes": (mem.get("argument_bytes", 0) + mem.get("output_bytes", 0)
+                                       - mem.get("alias_bytes", 0) + mem.get("temp_bytes", 0)),
            "compiled_memory_bytes": mem}
     _table("FLOPs per train step (global)", [(k, _fmt(v)) for k, v in out.items() if not isinstance(v, dict)])
     if fv.json:

@@ -211,6 +211,10 @@ def test_flops_command_writes_json(tmp_path, trained):
     assert data["xla_vs_analytic_hardware"] == pytest.approx(xla / data["hardware_flops_per_step"], rel=1e-12)
     # the tiny config scans its 2 layers: the correction must have added the second one
     assert xla > data["xla_flops_raw"]
+    assert data["arithmetic_intensity_raw"] == pytest.approx(data["xla_flops_raw"] / data["bytes_accessed_raw"])
+    mem = data["compiled_memory_bytes"]
+    assert data["memory_per_device_bytes"] == (mem["argument_bytes"] + mem["output_bytes"]
+                                               - mem["alias_bytes"] + mem["temp_bytes"]) > 0
     # same model and batch as the training run: its summary's XLA count agrees (only the LR
     # schedule's scalar arithmetic differs between 6 and 40 steps)
     workdir, train_proc = trained
