@@ -100,3 +100,14 @@ def build_mixer(cfg_model, seed: int = 0):
 
     with nnx.use_eager_sharding(False):
         return registry.get_mixer(cfg_model.mixer)(cfg_model, rngs=nnx.Rngs(seed))
+
+
+def mixer_forward(cfg_model, seed: int = 0):
+    """``(module, state, f)`` with ``f(state, x, segment_ids)`` the jitted forward of the mixer
+    built by :func:`build_mixer`; passing the same ``state`` to another form's ``f`` compares forms
+    on identical parameters."""
+    from flax import nnx
+
+    module = build_mixer(cfg_model, seed)
+    graphdef, state = nnx.split(module)
+    return module, state, jax.jit(lambda st, x, seg: nnx.merge(graphdef, st)(x, segment_ids=seg))

@@ -21,7 +21,7 @@ from efficient_arch.config import finalize
 from efficient_arch.models import registry
 from efficient_arch.ops.delta_rule import flops_delta_rule
 
-from conftest import REPO_ROOT, build_mixer, make_tiny_config
+from conftest import REPO_ROOT, build_mixer, make_tiny_config, mixer_forward
 
 MIXERS = ["deltanet", "gated_deltanet"]
 B, T = 2, 11
@@ -35,10 +35,7 @@ def mixer_cfg(mixer, **kw):
 @functools.lru_cache(maxsize=None)
 def forward_fn(mixer, form, dtype="float32"):
     """``(module, jitted f(state, x, segment_ids))`` for one mixer/form; same params for every form."""
-    module = build_mixer(mixer_cfg(mixer, model__mixer_form=form, model__dtype=dtype))
-    graphdef, state = nnx.split(module)
-    f = jax.jit(lambda st, x, seg: nnx.merge(graphdef, st)(x, segment_ids=seg))
-    return module, state, f
+    return mixer_forward(mixer_cfg(mixer, model__mixer_form=form, model__dtype=dtype))
 
 
 def inputs(seed=0, dtype=jnp.float32):

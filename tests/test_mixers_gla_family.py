@@ -21,7 +21,7 @@ from flax import nnx
 from efficient_arch.config import finalize
 from efficient_arch.models import registry
 
-from conftest import REPO_ROOT, build_mixer, make_tiny_config
+from conftest import REPO_ROOT, build_mixer, make_tiny_config, mixer_forward
 
 MIXERS = ["linear_attention", "retnet", "gla"]
 # name -> (mixer, config overrides)
@@ -46,10 +46,7 @@ def mixer_cfg(variant, **kw):
 @functools.lru_cache(maxsize=None)
 def forward_fn(variant, form, dtype="float32"):
     """``(module, state, jitted f(state, x, segment_ids))``; the same params for every form."""
-    module = build_mixer(mixer_cfg(variant, model__mixer_form=form, model__dtype=dtype))
-    graphdef, state = nnx.split(module)
-    f = jax.jit(lambda st, x, seg: nnx.merge(graphdef, st)(x, segment_ids=seg))
-    return module, state, f
+    return mixer_forward(mixer_cfg(variant, model__mixer_form=form, model__dtype=dtype))
 
 
 def inputs(seed=0, dtype=jnp.float32):
