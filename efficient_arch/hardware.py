@@ -43,6 +43,10 @@ __all__ = [
     "canonical_dtype",
     "chip_name",
     "lookup_peak",
+    "HBM_BANDWIDTH",
+    "normalize_chip",
+    "hbm_chip_name",
+    "lookup_hbm_bandwidth",
     "calibrate_cpu_peak",
     "peak_flops_per_device",
     "mfu",
@@ -297,6 +301,156 @@ def lookup_peak(device_kind: str, dtype: str) -> tuple[float, str]:
             f"the table has: {have}. To compute MFU with {key}, {_FIX}."
         )
     return float(entry[key]), f"table: {chip} dense {key} -- {entry['source']}"
+
+
+# ---------------------------------------------------------------------------
+# HBM bandwidth table (for rooflines): chip -> bytes/s per JAX device.
+# ---------------------------------------------------------------------------
+_BW_FIX = "pass --hbm_bandwidth=<bytes/s per device> (and --config.flops.peak_flops=<FLOP/s> if the peak is unknown too)"
+
+# Vendor memory-bandwidth figures, decimal units (1 GB/s = 1e9 bytes/s), per JAX device: one GPU;
+# one chip for TPU v4/v5e/v5p/v6e (one device per chip); one TensorCore (half a chip) for v2/v3,
+# matching PEAK_FLOPS. "peak_chip" is the PEAK_FLOPS key with the same compute.
+HBM_BANDWIDTH: dict[str, dict[str, Any]] = {
+    # NVIDIA A100 datasheet: "GPU memory bandwidth" 1,555 GB/s (40GB HBM2, SXM4 and PCIe),
+    # 2,039 GB/s (80GB HBM2e SXM4), 1,935 GB/s (80GB HBM2e PCIe).
+    "A100 40GB": {"bytes_per_s": 1555e9, "peak_chip": "A100",
+                  "source": "NVIDIA A100 datasheet: A100 40GB SXM4, 1,555 GB/s HBM2"},
+    "A100 80GB": {"bytes_per_s": 2039e9, "peak_chip": "A100",
+                  "source": "NVIDIA A100 datasheet: A100 80GB SXM4, 2,039 GB/s HBM2e"},
+    "A100 PCIe 40GB": {"bytes_per_s": 1555e9, "peak_chip": "A100 PCIe",
+                       "source": "NVIDIA A100 datasheet: A100 40GB PCIe, 1,555 GB/s HBM2"},
+    "A100 PCIe 80GB": {"bytes_per_s": 1935e9, "peak_chip": "A100 PCIe",
+                       "source": "NVIDIA A100 datasheet: A100 80GB PCIe, 1,935 GB/s HBM2e"},
+    # NVIDIA H100 datasheet: H100 SXM 3.35 TB/s, H100 PCIe 2 TB/s, H100 NVL 3.9 TB/s (HBM3 / HBM2e).
+    "H100 SXM": {"bytes_per_s": 3.35e12, "peak_chip": "H100 SXM",
+                 "source": "NVIDIA H100 datasheet: H100 SXM, 3.35 TB/s HBM3"},
+    "H100 PCIe": {"bytes_per_s": 2.0e12, "peak_chip": "H100 PCIe",
+                  "source": "NVIDIA H100 datasheet: H100 PCIe, 2 TB/s HBM2e"},
+    "H100 NVL": {"bytes_per_s": 3.9e12, "peak_chip": "H100 NVL",
+                 "source": "NVIDIA H100 datasheet: H100 NVL, 3.9 TB/s HBM3"},
+    # NVIDIA H200 datasheet: 141 GB HBM3e at 4.8 TB/s (SXM and NVL).
+    "H200": {"bytes_per_s": 4.8e12, "peak_chip": "H200",
+             "source": "NVIDIA H200 datasheet: H200 SXM, 4.8 TB/s HBM3e"},
+    "H200 NVL": {"bytes_per_s": 4.8e12, "peak_chip": "H200 NVL",
+                 "source": "NVIDIA H200 datasheet: H200 NVL, 4.8 TB/s HBM3e"},
+    # NVIDIA GH200 datasheet: 96 GB HBM3 at 4 TB/s, or 144 GB HBM3e at 4.9 TB/s.
+    "GH200 96GB": {"bytes_per_s": 4.0e12, "peak_chip": "GH200",
+                   "source": "NVIDIA GH200 datasheet: 96GB HBM3, 4 TB/s"},
+    "GH200 144GB": {"bytes_per_s": 4.9e12, "peak_chip": "GH200",
+                    "source": "NVIDIA GH200 datasheet: 144GB HBM3e, 4.9 TB/s"},
+    # NVIDIA H800 (export variants of H100): same memory system as H100 SXM (3.35 TB/s) and
+    # H100 PCIe (2 TB/s); only NVLink is cut.
+    "H800": {"bytes_per_s": 3.35e12, "peak_chip": "H800",
+             "source": "NVIDIA H800 SXM product brief: 80GB HBM3, 3.35 TB/s (as H100 SXM)"},
+    "H800 PCIe": {"bytes_per_s": 2.0e12, "peak_chip": "H800 PCIe",
+                  "source": "NVIDIA H800 PCIe product brief: 80GB HBM2e, 2 TB/s (as H100 PCIe)"},
+    # NVIDIA HGX B200 datasheet: 8 GPUs with 64 TB/s HBM3e in total -> 8 TB/s per GPU.
+    "B200": {"bytes_per_s": 8.0e12, "peak_chip": "B200",
+             "source": "NVIDIA HGX B200 datasheet: 64 TB/s for 8 GPUs, 8 TB/s HBM3e per GPU"},
+    # Google Cloud TPU system-architecture pages ("HBM bandwidth per chip"): v2 700 GB/s and v3
+    # 900 GB/s per chip (two TensorCores, one JAX device each -> half per device), v4 1,200 GB/s,
+    # v5e 819 GB/s, v5p 2,765 GB/s, v6e (Trillium) 1,640 GB/s.
+    "TPU v2": {"bytes_per_s": 350e9, "peak_chip": "TPU v2",
+               "source": "Google Cloud TPU docs: v2 700 GB/s per chip / 2 TensorCores"},
+    "TPU v3": {"bytes_per_s": 450e9, "peak_chip": "TPU v3",
+               "source": "Google Cloud TPU docs: v3 900 GB/s per chip / 2 TensorCores"},
+    "TPU v4": {"bytes_per_s": 1200e9, "peak_chip": "TPU v4",
+               "source": "Google Cloud TPU docs: v4, 32 GiB HBM2 at 1,200 GB/s per chip"},
+    "TPU v5e": {"bytes_per_s": 819e9, "peak_chip": "TPU v5e",
+                "source": "Google Cloud TPU docs: v5e, 16 GB HBM2 at 819 GB/s per chip"},
+    "TPU v5p": {"bytes_per_s": 2765e9, "peak_chip": "TPU v5p",
+                "source": "Google Cloud TPU docs: v5p, 95 GB HBM2e at 2,765 GB/s per chip"},
+    "TPU v6e": {"bytes_per_s": 1640e9, "peak_chip": "TPU v6e",
+                "source": "Google Cloud TPU docs: v6e (Trillium), 32 GB HBM at 1,640 GB/s per chip"},
+}
+
+# normalized chip spelling -> HBM_BANDWIDTH key; first match wins (specific before generic).
+# A value of None marks a name that exists with several memory systems: it must be made precise.
+_BW_PATTERNS: list[tuple[str, str | None]] = [
+    (r"\bgh200\b.*(\b144 ?gb?\b|hbm3e)", "GH200 144GB"),
+    (r"\bgh200\b.*\b(96|480) ?gb?\b", "GH200 96GB"),
+    (r"\bgh200\b", None),
+    (r"\bh200\b.*\bnvl\b", "H200 NVL"),
+    (r"\bh200\b", "H200"),
+    (r"\bh100\b.*\bpcie\b", "H100 PCIe"),
+    (r"\bh100\b.*\bnvl\b", "H100 NVL"),
+    (r"\bh100\b", "H100 SXM"),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    (r"\bh800\b.*\bpcie\b", "H800 PCIe"),
+    (r"\bh800\b", "H800"),
+    (r"\bb200\b", "B200"),  # \b keeps "GB200" unknown
+    (r"\ba100\b.*\bpcie\b.*\b80 ?gb\b|\ba100\b.*\b80 ?gb\b.*\bpcie\b", "A100 PCIe 80GB"),
+    (r"\ba100\b.*\bpcie\b.*\b40 ?gb\b|\ba100\b.*\b40 ?gb\b.*\bpcie\b", "A100 PCIe 40GB"),
+    (r"\ba100\b.*\b80 ?gb\b", "A100 80GB"),
+    (r"\ba100\b.*\b40 ?gb\b", "A100 40GB"),
+    (r"\ba100\b", None),
+    (r"^tpu v2\b", "TPU v2"),
+    (r"^tpu v3\b", "TPU v3"),
+    (r"^tpu v4\b", "TPU v4"),
+    (r"^tpu v5 ?(lite|e)\b", "TPU v5e"),
+    (r"^tpu v5p?\b", "TPU v5p"),
+    (r"^tpu v6 ?(lite|e)?\b", "TPU v6e"),
+]
+
+_AMBIGUOUS = {
+    "a100": "A100 has 1,555 GB/s (40GB) or 2,039 GB/s (80GB SXM) / 1,935 GB/s (80GB PCIe): "
+            "pass --chip=a100-40gb, a100-80gb, a100-pcie-40gb or a100-pcie-80gb",
+    "gh200": "GH200 has 4 TB/s (96GB HBM3) or 4.9 TB/s (144GB HBM3e): pass --chip=gh200-96gb or gh200-144gb",
+}
+
+
+def normalize_chip(spec: str) -> str:
+    """Lower-case a chip spelling, turn ``-``/``_`` into spaces and prefix bare TPU generations.
+
+    ``"H100-SXM"`` -> ``"h100 sxm"``; ``"v5e"`` / ``"tpu_v5e"`` -> ``"tpu v5e"``;
+    ``"NVIDIA A100-SXM4-80GB"`` -> ``"nvidia a100 sxm4 80gb"``.
+    """
+    s = " ".join(re.sub(r"[-_]", " ", spec.strip().lower()).split())
+    if re.match(r"^v\d", s):
+        s = "tpu " + s
+    return s
+
+
+def hbm_chip_name(spec: str) -> str | None:
+    """The ``HBM_BANDWIDTH`` key for a chip spelling or jax ``device_kind``, or None if unknown.
+
+    Raises:
+      UnknownAcceleratorError: the name is known but ambiguous (A100 or GH200 without the memory
+        size), with the spellings that resolve it.
+    """
+    s = normalize_chip(spec)
+    for pattern, key in _BW_PATTERNS:
+        if re.search(pattern, s):
+            if key is None:
+                family = "a100" if "a100" in s else "gh200"
+                raise UnknownAcceleratorError(f"chip {spec!r} is ambiguous: {_AMBIGUOUS[family]} "
+                                              f"(or {_BW_FIX}).")
+            return key
+    return None
+
+
+def lookup_hbm_bandwidth(spec: str) -> tuple[float, str, str]:
+    """Peak HBM bandwidth of one device from the vendor table.
+
+    Args:
+      spec: a chip spelling (``"h100"``, ``"h100-pcie"``, ``"a100-80gb"``, ``"v5e"``,
+        ``"tpu v6e"``, ``"b200"``) or a jax ``device_kind`` (``"NVIDIA H100 80GB HBM3"``).
+
+    Returns:
+      (bytes/s per device, source label naming the chip and the datasheet, the ``HBM_BANDWIDTH``
+      key). The ``PEAK_FLOPS`` chip of the same part is ``HBM_BANDWIDTH[key]["peak_chip"]``.
+
+    Raises:
+      UnknownAcceleratorError: unknown or ambiguous chip; the message names ``--hbm_bandwidth``
+        and the known chips.
+    """
+    key = hbm_chip_name(spec)
+    if key is None:
+        raise UnknownAcceleratorError(
+            f"Unknown chip {spec!r}: no HBM bandwidth in the table (known: {', '.join(HBM_BANDWIDTH)}). "
+            f"For a roofline on it, {_BW_FIX}.")
+    entry = HBM_BANDWIDTH[key]
+    return float(entry["bytes_per_s"]), f"table: {key} -- {entry['source']}", key
 
 
 # ---------------------------------------------------------------------------
