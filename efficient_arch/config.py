@@ -27,8 +27,11 @@ MIXER_FORMS = ("chunked", "recurrent", "quadratic")
 FEATURE_MAPS = ("identity", "elu", "taylor")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_CONVENTIONS = ("causal", "full")
-DATA_SOURCES = ("stdlib", "text", "memmap")
+TASK_SOURCES = ("mqar", "induction", "selective_copy")  # synthetic tasks (data/synthetic.py)
+DATA_SOURCES = ("stdlib", "text", "memmap") + TASK_SOURCES
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MOE_ROUTERS = ("softmax", "sigmoid")
+MOE_DISPATCHES = ("capacity", "dropless")
 
 
 class ConfigError(ValueError):
@@ -73,17 +76,21 @@ def default_config() -> ml_collections.ConfigDict:
     m.rope_theta = 10000.0
     m.norm_eps = 1e-6
     m.init_std = 0.02
-    mo = m.moe = ml_collections.ConfigDict()
-    mo.n_experts = 8
-    mo.top_k = 2
-    mo.n_shared_experts = 0
-    mo.d_ff_expert = config_dict.placeholder(int)
-    mo.capacity_factor = 1.25
-    mo.router = "softmax"
-    mo.aux_loss_coef = 0.01
-    mo.z_loss_coef = 1e-3
-    mo.moe_every = 1
-    mo.first_k_dense = 0
+    mo = m.moe = ml_collections.ConfigDict()  # used when ffn == "moe" (models/moe.py)
+    mo.n_experts = 8  # routed experts E
+    mo.top_k = 2  # routed experts per token k
+    mo.n_shared_experts = 0  # always-active experts (DeepSeekMoE, Llama-4)
+    mo.d_ff_expert = config_dict.placeholder(int)  # None -> d_ff; hidden size of each expert
+    mo.router = "softmax"  # "softmax" (Switch/Mixtral) | "sigmoid" (DeepSeek-V3)
+    mo.norm_top_k = False  # softmax router: renormalize the top-k weights (sigmoid always does)
+    mo.route_scale = 1.0  # multiplies the routed weights (DeepSeek-V3: 2.5)
+    mo.dispatch = "capacity"  # "capacity" (drop over capacity) | "dropless" (sorted + ragged_dot)
+    mo.capacity_factor = 1.25  # slots per expert per sequence = ceil(cf * T * k / E), <= T
+    mo.aux_loss_coef = 0.01  # Switch load-balancing loss weight (0 disables)
+    mo.z_loss_coef = 1e-3  # router z-loss weight (ST-MoE; 0 disables)
+    mo.bias_update_rate = 0.0  # aux-loss-free balancing step gamma (DeepSeek-V3: 1e-3; 0 disables)
+    mo.moe_every = 1  # 2 = every other layer is MoE (Llama-4 interleaving); others dense
+    mo.first_k_dense = 0  # the first k layers use the dense MLP (DeepSeek-V3: 3)
 
     t = c.train = ml_collections.ConfigDict()
     t.steps = 200
@@ -105,11 +112,17 @@ def default_config() -> ml_collections.ConfigDict:
     t.keep_ckpts = 2
 
     d = c.data = ml_collections.ConfigDict()
-    d.source = "stdlib"  # "stdlib" | "text" | "memmap"
+    d.source = "stdlib"  # "stdlib" | "text" | "memmap" | "mqar" | "induction" | "selective_copy"
     d.path = config_dict.placeholder(str)  # text file / dir / glob, or a token memmap
     d.val_fraction = 0.05
     d.memmap_dtype = "uint16"  # dtype of a raw .bin memmap ("uint16" | "uint32")
     d.cache_dir = config_dict.placeholder(str)  # None -> ~/.cache/efficient_arch/data
+    # synthetic tasks (data.source in TASK_SOURCES; efficient_arch/data/synthetic.py)
+    d.seed = 0  # seed of the example streams (train.seed seeds init / shuffles, not these)
+    d.task_vocab = config_dict.placeholder(int)  # token ids the task uses; None -> model.vocab_size
+    d.n_kv_pairs = 8  # mqar: key-value pairs per example, each queried once (Zoology)
+    d.power_a = 0.01  # mqar: query gaps g drawn with p(g) ~ (g + 1) ** (power_a - 1) (Zoology)
+    d.n_copy_tokens = 16  # selective_copy: data tokens to copy (Mamba Sec. 4.1)
 
     me = c.mesh = ml_collections.ConfigDict()
     me.data = -1
@@ -130,8 +143,11 @@ def _fail(field: str, value, fix: str):
 
 
 def _positive(cfg, section: str, names, allow_zero=()):
+    node = cfg
+    for part in section.split("."):
+        node = node[part]
     for n in names:
-        v = cfg[section][n]
+        v = node[n]
         is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
         if not is_number or not (v >= 0 if n in allow_zero else v > 0):
             _fail(f"{section}.{n}", v, "must be a " + ("non-negative" if n in allow_zero else "positive") + " number")
@@ -161,6 +177,46 @@ def mesh_shape(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]
         _fail("mesh", dict(sizes), f"axis sizes multiply to {fixed} but {n_devices} devices are "
               "available; set one axis to -1 or make the product equal the device count")
     return sizes
+
+
+def _check_task(m, d) -> None:
+    """Validate the synthetic-task fields of ``data`` (layouts: efficient_arch/data/synthetic.py)."""
+    if d.path:
+        _fail("data.path", d.path, f"is ignored by the synthetic task data.source={d.source!r}; drop data.path")
+    if isinstance(d.seed, bool) or not isinstance(d.seed, int) or d.seed < 0:
+        _fail("data.seed", d.seed, "must be a non-negative integer")
+    vocab = m.vocab_size if d.task_vocab is None else d.task_vocab
+    if d.task_vocab is not None and (not isinstance(d.task_vocab, int) or d.task_vocab > m.vocab_size):
+        _fail("data.task_vocab", d.task_vocab, f"must be an integer <= model.vocab_size={m.vocab_size} (the "
+              "model embeds every task token); lower it or raise model.vocab_size")
+    T = m.seq_len
+    if d.source == "mqar":
+        n = d.n_kv_pairs
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            _fail("data.n_kv_pairs", n, "must be a positive integer")
+        if 4 * n > T + 1:
+            _fail("data.n_kv_pairs", n, f"MQAR needs 4 * n_kv_pairs <= model.seq_len + 1 = {T + 1} (2n context "
+                  "tokens, then n query/answer pairs in the gaps); lower data.n_kv_pairs or raise model.seq_len")
+        if vocab < 2 * n + 2:
+            _fail("data.task_vocab", vocab, f"MQAR draws n_kv_pairs={n} distinct keys from [1, V/2) and values "
+                  f"from [V/2, V): needs V >= {2 * n + 2}; raise data.task_vocab (or model.vocab_size)")
+        if isinstance(d.power_a, bool) or not isinstance(d.power_a, (int, float)) or not d.power_a > 0:
+            _fail("data.power_a", d.power_a, "must be a positive number (0.01 in Zoology; 1 = uniform gaps)")
+    elif d.source == "induction":
+        if T < 4:
+            _fail("model.seq_len", T, "the induction task needs seq_len >= 4 (trigger, answer, filler, "
+                  "final trigger)")
+        if vocab < 3:
+            _fail("data.task_vocab", vocab, "the induction task needs >= 3 ids (the trigger + 2 content tokens)")
+    elif d.source == "selective_copy":
+        n = d.n_copy_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            _fail("data.n_copy_tokens", n, "must be a positive integer")
+        if 2 * n > T:
+            _fail("data.n_copy_tokens", n, f"selective copying needs 2 * n_copy_tokens <= model.seq_len = {T} "
+                  "(n data tokens among noise, then n markers); lower it or raise model.seq_len")
+        if vocab < 3:
+            _fail("data.task_vocab", vocab, "selective copying needs >= 3 ids (noise, marker, >= 1 data token)")
 
 
 def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml_collections.ConfigDict:
@@ -224,10 +280,37 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
     if "mamba2" in pattern and (m.expand * m.d_model) % m.head_dim:
         _fail("model.head_dim", m.head_dim, f"Mamba-2 splits its inner width expand*d_model="
               f"{m.expand * m.d_model} into heads of head_dim; choose a divisor")
-    if m.n_layers % len(pattern):
-        _fail("model.n_layers", m.n_layers, f"must be a multiple of len(model.layer_pattern)={len(pattern)}")
     if m.ffn not in registry.ffn_names():
         _fail("model.ffn", m.ffn, f"unknown FFN; registered FFNs: {sorted(registry.ffn_names())}")
+    mo = m.moe
+    if m.ffn == "moe":
+        _positive(cfg, "model.moe", ["n_experts", "top_k", "capacity_factor", "moe_every", "route_scale"])
+        for n in ("n_shared_experts", "first_k_dense"):
+            if not isinstance(mo[n], int) or mo[n] < 0:
+                _fail(f"model.moe.{n}", mo[n], "must be a non-negative integer")
+        for n in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if not mo[n] >= 0:
+                _fail(f"model.moe.{n}", mo[n], "must be >= 0 (0 disables it)")
+        if mo.top_k > mo.n_experts:
+            _fail("model.moe.top_k", mo.top_k, f"cannot exceed model.moe.n_experts={mo.n_experts}")
+        if mo.router not in MOE_ROUTERS:
+            _fail("model.moe.router", mo.router, f"choose one of {MOE_ROUTERS}")
+        if mo.dispatch not in MOE_DISPATCHES:
+            _fail("model.moe.dispatch", mo.dispatch, f"choose one of {MOE_DISPATCHES}")
+        if mo.d_ff_expert is not None and (not isinstance(mo.d_ff_expert, int) or mo.d_ff_expert < 1):
+            _fail("model.moe.d_ff_expert", mo.d_ff_expert, "must be a positive integer or None (= model.d_ff)")
+    if mo.d_ff_expert is None:
+        mo.d_ff_expert = m.d_ff
+    glen = group_len(m)
+    what = (f"the layer group length lcm(len(layer_pattern)={len(pattern)}, moe.moe_every={mo.moe_every})"
+            if m.ffn == "moe" else f"len(model.layer_pattern)={len(pattern)}")
+    dense = mo.first_k_dense if m.ffn == "moe" else 0
+    if dense % glen:
+        _fail("model.moe.first_k_dense", dense, f"must be a multiple of {what} = {glen}")
+    if dense >= m.n_layers:
+        _fail("model.moe.first_k_dense", dense, f"must be below model.n_layers={m.n_layers} (else no MoE layer)")
+    if (m.n_layers - dense) % glen:
+        _fail("model.n_layers", m.n_layers, f"n_layers - first_k_dense must be a multiple of {what} = {glen}")
 
     _positive(cfg, "train", ["steps", "batch_size", "grad_accum", "lr", "log_every", "eval_every",
                              "eval_batches", "ckpt_every", "keep_ckpts"])
@@ -252,6 +335,8 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
         _fail("data.val_fraction", d.val_fraction, "must lie strictly between 0 and 1")
     if d.memmap_dtype not in ("uint16", "uint32"):
         _fail("data.memmap_dtype", d.memmap_dtype, "choose 'uint16' or 'uint32'")
+    if d.source in TASK_SOURCES:
+        _check_task(m, d)
 
     if cfg.flops.attention not in ATTENTION_CONVENTIONS:
         _fail("flops.attention", cfg.flops.attention, f"choose one of {ATTENTION_CONVENTIONS}")
@@ -270,12 +355,22 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
         checks = [("model.d_model", m.d_model, "fsdp"), ("model.n_heads", m.n_heads, "tensor"),
                   ("model.n_kv_heads", m.n_kv_heads, "tensor"), ("model.d_ff", m.d_ff, "tensor"),
                   ("model.vocab_size", m.vocab_size, "tensor")]
+        if m.ffn == "moe":
+            checks += [("model.moe.n_experts", mo.n_experts, "expert"),
+                       ("model.moe.d_ff_expert", mo.d_ff_expert, "tensor")]
         for field, value, axis in checks:
             if value % sizes[axis]:
                 _fail(field, value, f"must be divisible by mesh.{axis}={sizes[axis]} (it is sharded over "
                       f"that axis); change the value or the mesh")
     cfg.lock()
     return cfg
+
+
+def group_len(mcfg) -> int:
+    """Blocks per repeated layer group: ``lcm(len(layer_pattern), moe.moe_every)`` (``moe_every``
+    only counts when ``ffn == "moe"``). Groups are stacked and scanned, so they must be identical."""
+    plen = len(mcfg.layer_pattern) if mcfg.layer_pattern is not None else 1
+    return math.lcm(plen, mcfg.moe.moe_every) if mcfg.ffn == "moe" else plen
 
 
 def load_config(path, arg: str | None = None) -> ml_collections.ConfigDict:

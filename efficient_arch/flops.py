@@ -20,22 +20,26 @@ from __future__ import annotations
 import copy
 
 from efficient_arch.models import registry
-from efficient_arch.models.lm import layer_pattern
+from efficient_arch.models.lm import group_blocks, layer_kinds, n_prefix_layers
 
 
-def forward_flops_per_token(mcfg, seq_len: int | None = None, *, attention: str = "causal") -> dict[str, float]:
+def forward_flops_per_token(mcfg, seq_len: int | None = None, *, attention: str = "causal",
+                            executed: bool = False) -> dict[str, float]:
     """Analytic forward FLOPs per token by term for a finalized ``config.model``.
+
+    ``executed=True`` counts what the program runs (attention as the full square, MoE capacity
+    slots or dense ragged dots) instead of the model FLOPs.
 
     Returns:
       dict with ``mixers`` (all layers), ``ffn`` (all layers), ``lm_head`` (2 V d) and ``total``,
       in FLOPs per token (one multiply-add = 2 FLOPs).
     """
     seq_len = seq_len or mcfg.seq_len
-    pattern = layer_pattern(mcfg)
-    reps = mcfg.n_layers // len(pattern)
-    mixers = reps * sum(registry.get_mixer(n).flops_per_token(mcfg, seq_len, attention=attention)
-                        for n in pattern)
-    ffn = mcfg.n_layers * registry.get_ffn(mcfg.ffn).flops_per_token(mcfg, seq_len, attention=attention)
+    att = "full" if executed else attention
+    mixers = ffn = 0.0
+    for mixer, ffn_name in layer_kinds(mcfg):
+        mixers += registry.get_mixer(mixer).flops_per_token(mcfg, seq_len, attention=att)
+        ffn += registry.get_ffn(ffn_name).flops_per_token(mcfg, seq_len, attention=att, executed=executed)
     head = 2.0 * mcfg.vocab_size * mcfg.d_model
     return {"mixers": mixers, "ffn": ffn, "lm_head": head, "total": mixers + ffn + head}
 
@@ -44,22 +48,24 @@ def analytic_flops(cfg) -> dict[str, float | str]:
     """Training FLOPs per step (global, all devices) for a finalized config.
 
     Returns:
-      ``model_flops_per_step``: 3 x forward x tokens, attention by ``cfg.flops.attention``;
-      ``hardware_flops_per_step``: plus remat recompute (``full``: one extra forward of the layer
-      stack; ``dots``: matmul outputs are saved, so no extra matmul FLOPs) with attention counted
-      as executed (full square); ``model_flops_per_token_fwd``; ``attention_convention``; and
+      ``model_flops_per_step``: 3 x forward x tokens, attention by ``cfg.flops.attention``, MoE
+      by active experts only; ``hardware_flops_per_step``: as executed (attention full square,
+      MoE capacity slots / dense ragged dots, see ``MoE.flops_per_token``) plus remat recompute
+      (``full``: one extra forward of the layer stack; ``dots``: matmul outputs are saved, so no
+      extra matmul FLOPs); ``model_flops_per_token_fwd``; ``attention_convention``; and
       ``model_flops_per_step_full`` (full-square convention) for comparison with XLA.
     """
     m = cfg.model
     tokens = cfg.train.batch_size * m.seq_len
     fwd = forward_flops_per_token(m, attention=cfg.flops.attention)
     fwd_full = forward_flops_per_token(m, attention="full")
-    recompute = fwd_full["mixers"] + fwd_full["ffn"] if m.remat == "full" else 0.0
+    fwd_exec = forward_flops_per_token(m, executed=True)
+    recompute = fwd_exec["mixers"] + fwd_exec["ffn"] if m.remat == "full" else 0.0
     return {
         "model_flops_per_token_fwd": fwd["total"],
         "model_flops_per_step": 3.0 * fwd["total"] * tokens,
         "model_flops_per_step_full": 3.0 * fwd_full["total"] * tokens,
-        "hardware_flops_per_step": (3.0 * fwd_full["total"] + recompute) * tokens,
+        "hardware_flops_per_step": (3.0 * fwd_exec["total"] + recompute) * tokens,
         "attention_convention": cfg.flops.attention,
     }
 
@@ -102,13 +108,16 @@ def xla_flops_per_step(cfg, mesh, lowered_step=None) -> dict[str, float | str]:
     as ``xla_flops_raw`` for comparison.
 
     Returns:
-      dict with ``xla_flops_per_step``, ``xla_flops_raw`` and ``correction`` (the method).
+      dict with ``xla_flops_per_step``, ``xla_flops_raw``, ``xla_optimizer_flops`` (``U``: clip +
+      AdamW, ~O(10) FLOPs per parameter, which no analytic model-FLOP count includes; it matters
+      when total parameters are large next to tokens per step, as in MoE) and ``correction``.
     """
     from efficient_arch import train
     from efficient_arch.ops import scan as scan_lib
 
-    plen = len(layer_pattern(cfg.model))
-    L = cfg.model.n_layers // plen
+    plen = len(group_blocks(cfg.model))
+    prefix = n_prefix_layers(cfg.model)  # first_k_dense layers: part of G(1) and G(2)
+    L = (cfg.model.n_layers - prefix) // plen
     A = cfg.train.grad_accum
     if lowered_step is None:
         run = train.build(cfg, mesh)
@@ -118,7 +127,7 @@ def xla_flops_per_step(cfg, mesh, lowered_step=None) -> dict[str, float | str]:
     g = []
     with scan_lib.unrolled():
         for k in sorted({1, min(2, L)}):
-            v = _variant(cfg, n_layers=k * plen, scan_layers=False, batch_size=micro, grad_accum=1)
+            v = _variant(cfg, n_layers=prefix + k * plen, scan_layers=False, batch_size=micro, grad_accum=1)
             r = train.build(v, mesh)
             g.append(lowered_flops(r.loss_and_grad.lower(r.abstract_state["params"], r.abstract_batch())))
             if k == 1:
@@ -131,7 +140,7 @@ def xla_flops_per_step(cfg, mesh, lowered_step=None) -> dict[str, float | str]:
     grad_cost = g[0] + (L - 1) * per_group
     update = u + (L - 1) * (u_per_group or 0.0)
     total = A * grad_cost + update
-    return {"xla_flops_per_step": total, "xla_flops_raw": raw,
+    return {"xla_flops_per_step": total, "xla_flops_raw": raw, "xla_optimizer_flops": update,
             "correction": "unrolled lowerings: A x (G(1) + (L-1)(G(2)-G(1))) + optimizer update, "
                           "with time/chunk scans unrolled"}
 

@@ -23,11 +23,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from efficient_arch import parallel
+from efficient_arch.config import TASK_SOURCES
 from efficient_arch.ops import scan as scan_lib
-from efficient_arch.models.lm import new_model
+from efficient_arch.models import moe as moe_lib
+from efficient_arch.models.lm import new_model, update_expert_bias
 
-# not weight-decayed: norm scales, biases, and SSM decay / skip parameters (Mamba-2 practice)
-NO_DECAY_NAMES = ("scale", "bias", "A_log", "dt_bias", "D")
+# not weight-decayed: norm scales, biases, and SSM decay / skip parameters (Mamba-2 practice), and
+# the MoE selection bias (zero gradient, so AdamW leaves it alone; moved by update_expert_bias)
+NO_DECAY_NAMES = ("scale", "bias", "A_log", "dt_bias", "D", "expert_bias")
 
 
 def make_schedule(t) -> optax.Schedule:
@@ -94,7 +97,8 @@ class Run:
       abstract_state: pytree of ``jax.ShapeDtypeStruct`` (with shardings) of the train state.
       state_shardings / batch_sharding: NamedShardings used as jit in/out shardings.
       train_step: jitted ``(state, batch) -> (state, metrics)`` with the state donated.
-      eval_step: jitted ``(params, batch) -> (loss_sum, n_tokens)``.
+      eval_step: jitted ``(params, batch) -> (loss_sum, n_tokens, n_correct)`` over the (masked)
+        target positions; ``n_correct`` counts argmax predictions equal to the target.
       loss_and_grad: jitted ``(params, batch) -> ((loss, metrics), grads)`` on one microbatch.
       update_step: jitted optimizer half of the step ``(state, grads) -> (state, metrics)``.
     """
@@ -117,6 +121,8 @@ class Run:
         """Shape of one global batch: int32 ``[batch_size, seq_len]`` inputs and targets."""
         shape = (self.cfg.train.batch_size, self.cfg.model.seq_len)
         s = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+        if self.cfg.data.source in TASK_SOURCES:  # synthetic tasks: int32 loss_mask, 1 on answers
+            return {"inputs": s, "targets": s, "loss_mask": s}
         return {"inputs": s, "targets": s}
 
 
@@ -200,6 +206,11 @@ def build(cfg, mesh: Mesh) -> Run:
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
+        if mcfg.ffn == "moe":  # per-layer expert counts -> aux-loss-free bias step, load metrics
+            counts = {k: v for k, v in metrics.items() if jnp.ndim(v)}
+            if mcfg.moe.bias_update_rate > 0 and counts:
+                params = update_expert_bias(params, counts, mcfg.moe.bias_update_rate)
+            metrics = moe_lib.summarize_metrics(metrics)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
         metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state["step"])}
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
@@ -208,13 +219,17 @@ def build(cfg, mesh: Mesh) -> Run:
     def eval_fn(params, batch):
         model = nnx.merge(graphdef, params)
         logits, _ = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
-        return cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+        loss_sum, count = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+        hit = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+        mask = batch.get("loss_mask")
+        correct = jnp.sum(hit if mask is None else hit * mask.astype(jnp.float32))
+        return loss_sum, count, correct
 
     replicated = NamedSharding(mesh, P())
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
     eval_step = jax.jit(eval_fn, in_shardings=(state_shardings["params"], batch_sharding),
-                        out_shardings=(replicated, replicated))
+                        out_shardings=(replicated, replicated, replicated))
     init_state = jax.jit(init_fn, out_shardings=state_shardings)
     loss_and_grad = jax.jit(loss_and_grad_fn, in_shardings=(state_shardings["params"], batch_sharding))
     update_step = jax.jit(lambda state, grads: update_fn(state, grads, {}),
@@ -307,20 +322,24 @@ def evaluate(run: Run, params, batches: list[dict]) -> dict[str, float]:
     """Validation loss (nats/token) and bits per byte over ``batches`` (host numpy batches).
 
     Bits per byte counts only target tokens that are bytes (id < 256) as bytes, so it is defined
-    for byte-level sources; for other tokenizations ``val_bpb`` is None.
+    for byte-level sources; for other tokenizations ``val_bpb`` is None. ``val_accuracy`` (argmax
+    == target, a fraction of the masked positions) is reported when the batches carry a
+    ``loss_mask`` (the synthetic tasks: accuracy on the answer positions), else None.
     """
-    loss_sum, count, n_bytes = 0.0, 0.0, 0
+    loss_sum, count, correct, n_bytes = 0.0, 0.0, 0.0, 0
     for b in batches:
         gb = parallel.global_batch(b, run.mesh, run.cfg.train.batch_size)
-        s, c = run.eval_step(params, gb)
+        s, c, k = run.eval_step(params, gb)
         loss_sum += float(s)
         count += float(c)
+        correct += float(k)
         n_bytes += int(np.sum(b["targets"] < 256))
     loss = loss_sum / max(count, 1.0)
     byte_level = run.cfg.data.source in ("stdlib", "text")
     n_bytes_global = n_bytes * jax.process_count()
     bpb = loss_sum / math.log(2) / n_bytes_global if byte_level and n_bytes_global else None
-    return {"val_loss": loss, "val_bpb": bpb}
+    masked = bool(batches) and all("loss_mask" in b for b in batches)
+    return {"val_loss": loss, "val_bpb": bpb, "val_accuracy": correct / max(count, 1.0) if masked else None}
 
 
 def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> dict:
@@ -483,6 +502,7 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
         "final_train_loss": last_metrics.get("loss"),
         "final_val_loss": val.get("val_loss"),
         "val_bpb": val.get("val_bpb"),
+        "val_accuracy": val.get("val_accuracy"),
         "data": {k: v for k, v in info.items() if isinstance(v, (int, float, str, type(None)))},
     }
     if summary["mfu"] > 1 or summary["hfu"] > 1:  # never report >100% silently
@@ -520,6 +540,8 @@ class _progress:
         info = f"loss {row['loss']:.3f}  {row['tokens_per_s']:,.0f} tok/s  MFU {100 * row['mfu']:.1f}%"
         if row.get("val_bpb") is not None:
             info += f"  val bpb {row['val_bpb']:.3f}"
+        if row.get("val_accuracy") is not None:
+            info += f"  val acc {100 * row['val_accuracy']:.1f}%"
         self.p.update(self.task, completed=step, info=info)
 
     def close(self):

@@ -31,11 +31,13 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None], *, 
     Args:
       shape: parameter shape; ``len(names) == len(shape)``.
       names: one logical axis name (or None) per dimension.
-      std: normal init standard deviation; None initialises to ones (norm scales).
+      std: normal init standard deviation; None initialises to ones (norm scales), 0 to zeros.
     """
     assert len(shape) == len(names), (shape, names)
     if std is None:
         init = nnx.initializers.ones
+    elif std == 0:
+        init = nnx.initializers.zeros
     else:
         init = nnx.initializers.normal(std)
     return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), tuple(shape), dtype))
@@ -116,10 +118,11 @@ class MLP(nnx.Module):
 
     Gate and up projections are one fused ``[d_model, 2, d_ff]`` kernel. Returns ``(y, aux)``
     with ``aux == {}`` (the FFN contract: an FFN may report auxiliary losses/metrics).
+    ``d_ff`` overrides ``cfg.d_ff`` (MoE shared experts).
     """
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        d, f = cfg.d_model, cfg.d_ff
+    def __init__(self, cfg, *, rngs: nnx.Rngs, d_ff: int | None = None):
+        d, f = cfg.d_model, d_ff or cfg.d_ff
         self.dtype = dtype_of(cfg.dtype)
         self.w_gate_up = param(rngs, (d, 2, f), ("embed", None, "mlp"), std=cfg.init_std)
         self.w_down = param(rngs, (f, d), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
@@ -134,7 +137,8 @@ class MLP(nnx.Module):
         return matmul("btf,fd->btd", h, self.w_down[...], self.dtype), {}
 
     @staticmethod
-    def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:
-        """Forward matmul FLOPs per token: 2 * 3 * d_model * d_ff (gate, up, down)."""
-        del seq_len, attention
+    def flops_per_token(cfg, seq_len: int, *, attention: str = "causal", executed: bool = False) -> float:
+        """Forward matmul FLOPs per token: 2 * 3 * d_model * d_ff (gate, up, down); executed ==
+        model FLOPs."""
+        del seq_len, attention, executed
         return 6.0 * cfg.d_model * cfg.d_ff

@@ -4,7 +4,9 @@
 
 A block is pre-norm: ``x += mixer(norm(x)); x += ffn(norm(x))``, with the mixer and FFN classes
 taken from ``models/registry.py``. ``model.layer_pattern`` (e.g. ``["gated_deltanet",
-"attention"]``) defines a *group* of blocks repeated ``n_layers / len(pattern)`` times; the
+"attention"]``) and, for MoE, ``moe.moe_every`` define a *group* of ``lcm(len(pattern),
+moe_every)`` blocks repeated over the depth (after ``moe.first_k_dense`` all-dense layers, kept
+in a separate ``prefix`` stack: stacked groups must be identical); the
 groups' parameters are stacked on a leading ``layers`` axis and applied with ``jax.lax.scan``
 (compile time independent of depth) or, with ``scan_layers=False``, with a Python loop over the
 same stacked parameters (same numbers; compile time grows with depth). ``model.remat`` wraps
@@ -28,26 +30,56 @@ REMAT = {
 
 
 def layer_pattern(cfg) -> list[str]:
-    """Mixer names of one repeated group (``[cfg.mixer]`` when ``layer_pattern`` is None)."""
+    """Mixer names of the repeating pattern (``[cfg.mixer]`` when ``layer_pattern`` is None)."""
     return list(cfg.layer_pattern) if cfg.layer_pattern is not None else [cfg.mixer]
+
+
+def n_prefix_layers(cfg) -> int:
+    """Leading dense-FFN layers of an MoE model (``moe.first_k_dense``); 0 otherwise."""
+    return cfg.moe.first_k_dense if cfg.ffn == "moe" else 0
+
+
+def group_blocks(cfg, *, dense: bool = False) -> list[tuple[str, str]]:
+    """``(mixer, ffn)`` of each block of one repeated group (``config.group_len`` blocks).
+
+    Block ``j`` uses mixer ``pattern[j % len(pattern)]`` and, in an MoE model, the MoE FFN when
+    ``j % moe_every == moe_every - 1`` (Llama-4 interleaving: layers 1, 3, ... for 2), else the
+    dense MLP. ``dense=True`` gives the all-MLP groups of the ``first_k_dense`` prefix.
+    """
+    from efficient_arch.config import group_len
+
+    pattern = layer_pattern(cfg)
+    every = cfg.moe.moe_every
+    out = []
+    for j in range(group_len(cfg)):
+        moe = cfg.ffn == "moe" and not dense and j % every == every - 1
+        out.append((pattern[j % len(pattern)], "moe" if moe else ("mlp" if cfg.ffn == "moe" else cfg.ffn)))
+    return out
+
+
+def layer_kinds(cfg) -> list[tuple[str, str]]:
+    """``(mixer, ffn)`` of every layer in order (length ``n_layers``), for FLOP and param counts."""
+    glen = len(group_blocks(cfg))
+    k = n_prefix_layers(cfg)
+    return (group_blocks(cfg, dense=True) * (k // glen)
+            + group_blocks(cfg) * ((cfg.n_layers - k) // glen))
 
 
 class Block(nnx.Module):
     """Pre-norm residual block: a sequence mixer then an FFN, each behind an RMSNorm."""
 
-    def __init__(self, cfg, mixer: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, mixer: str, ffn: str, *, rngs: nnx.Rngs):
         self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.mixer = registry.get_mixer(mixer)(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        self.ffn = registry.get_ffn(cfg.ffn)(cfg, rngs=rngs)
+        self.ffn = registry.get_ffn(ffn)(cfg, rngs=rngs)
 
     def __call__(self, x, *, segment_ids=None, positions=None):
-        """``x`` ``[B, T, d_model]`` -> ``([B, T, d_model], aux dict of float32 scalars)``."""
+        """``x`` ``[B, T, d_model]`` -> ``([B, T, d_model], aux dict of float32 arrays)``."""
         x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions)
         y, aux = self.ffn(self.ffn_norm(x), segment_ids=segment_ids)
         x = parallel.constrain(x + y, ("batch", "seq", "act_embed"))
         return x, aux
-
 
     def decode(self, x, cache, *, position):
         """One token ``x [B, 1, d_model]`` through the block with the mixer's cache."""
@@ -58,19 +90,25 @@ class Block(nnx.Module):
 
 
 class Group(nnx.Module):
-    """One repetition of ``layer_pattern``: a list of blocks applied in order."""
+    """One repetition of :func:`group_blocks`: a list of blocks applied in order.
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        self.blocks = nnx.List([Block(cfg, name, rngs=rngs) for name in layer_pattern(cfg)])
+    Aux: scalars are summed over blocks; a vector (per-layer statistic such as MoE
+    ``expert_counts``) of block ``j`` is returned under ``"{name}/{j}"``.
+    """
+
+    def __init__(self, cfg, *, dense: bool = False, rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(cfg, mixer, ffn, rngs=rngs) for mixer, ffn in group_blocks(cfg, dense=dense)])
 
     def __call__(self, x, *, segment_ids=None, positions=None):
         aux_total: dict = {}
-        for blk in self.blocks:
+        for j, blk in enumerate(self.blocks):
             x, aux = blk(x, segment_ids=segment_ids, positions=positions)
             for k, v in aux.items():
-                aux_total[k] = aux_total.get(k, 0.0) + v
+                if jnp.ndim(v):
+                    aux_total[f"{k}/{j}"] = v
+                else:
+                    aux_total[k] = aux_total.get(k, 0.0) + v
         return x, aux_total
-
 
     def init_cache(self, batch_size: int, max_len: int) -> list:
         return [blk.mixer.init_cache(batch_size, max_len) for blk in self.blocks]
@@ -81,6 +119,17 @@ class Group(nnx.Module):
             x, c = blk.decode(x, c, position=position)
             new.append(c)
         return x, new
+
+
+def _stack(cfg, n: int, dense: bool, rngs: nnx.Rngs):
+    """``n`` groups with parameters stacked on a leading ``layers`` axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return Group(cfg, dense=dense, rngs=rngs)
+
+    return make(rngs)
 
 
 class LM(nnx.Module):
@@ -94,24 +143,24 @@ class LM(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype_of(cfg.dtype)
-        self.n_groups = cfg.n_layers // len(layer_pattern(cfg))
+        glen = len(group_blocks(cfg))
+        n_prefix = n_prefix_layers(cfg) // glen
+        self.n_groups = (cfg.n_layers - n_prefix_layers(cfg)) // glen
         self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, rngs=rngs)
-
-        @nnx.split_rngs(splits=self.n_groups)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_groups(rngs):
-            return Group(cfg, rngs=rngs)
-
-        self.groups = make_groups(rngs)
+        self.prefix = _stack(cfg, n_prefix, True, rngs) if n_prefix else None  # first_k_dense
+        self.groups = _stack(cfg, self.n_groups, False, rngs)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         if not cfg.tie_embeddings:
             self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std)
 
-    def hidden(self, tokens, *, segment_ids=None, positions=None):
-        """Final-normed hidden states ``[B, T, d_model]`` (compute dtype) and the aux dict."""
-        x = self.embed(tokens, self.dtype)
-        x = parallel.constrain(x, ("batch", "seq", "act_embed"))
-        graphdef, stacked = nnx.split(self.groups)
+    def _stacks(self):
+        return [("prefix", self.prefix)] * (self.prefix is not None) + [("groups", self.groups)]
+
+    def _run_stack(self, stack, x, segment_ids, positions):
+        """Apply stacked groups (scan or loop). Aux: scalars summed over groups; vectors stacked
+        ``[n_groups, ...]``."""
+        graphdef, stacked = nnx.split(stack)
+        n = jax.tree.leaves(stacked)[0].shape[0]
 
         def body(h, group_state):
             group = nnx.merge(graphdef, group_state)
@@ -121,12 +170,30 @@ class LM(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers:
             x, auxs = jax.lax.scan(body, x, stacked)
-            aux = {k: jnp.sum(v) for k, v in auxs.items()}
         else:
-            aux = {}
-            for i in range(self.n_groups):
+            outs = []
+            for i in range(n):
                 x, a = body(x, jax.tree.map(lambda p: p[i], stacked))
-                for k, v in a.items():
+                outs.append(a)
+            auxs = jax.tree.map(lambda *v: jnp.stack(v), *outs) if outs else {}
+        return x, {k: (jnp.sum(v) if v.ndim == 1 else v) for k, v in auxs.items()}
+
+    def hidden(self, tokens, *, segment_ids=None, positions=None):
+        """Final-normed hidden states ``[B, T, d_model]`` (compute dtype) and the aux dict.
+
+        Aux: float32 scalars summed over layers (``aux_loss`` is added to the training loss),
+        and per-layer vectors (MoE ``expert_counts``) under ``"{stack}/{name}/{block}"`` with
+        shape ``[n_groups, ...]``, matching the stacked parameters of that block.
+        """
+        x = self.embed(tokens, self.dtype)
+        x = parallel.constrain(x, ("batch", "seq", "act_embed"))
+        aux: dict = {}
+        for name, stack in self._stacks():
+            x, a = self._run_stack(stack, x, segment_ids, positions)
+            for k, v in a.items():
+                if v.ndim:
+                    aux[f"{name}/{k}"] = v
+                else:
                     aux[k] = aux.get(k, 0.0) + v
         return self.final_norm(x), aux
 
@@ -143,33 +210,39 @@ class LM(nnx.Module):
         h, aux = self.hidden(tokens, segment_ids=segment_ids, positions=positions)
         return self.logits(h), aux
 
-    def init_cache(self, batch_size: int, max_len: int):
-        """Decode caches of every layer, stacked on a leading ``n_groups`` axis (like the params).
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        """Decode caches of every layer: ``{"groups": ..., ["prefix": ...]}``, each stacked on a
+        leading ``n_groups`` axis like the params.
 
         Attention layers hold a ``[B, max_len, n_kv_heads, head_dim]`` KV cache; recurrent mixers
         a constant-size state.
         """
-        graphdef, stacked = nnx.split(self.groups)
-        first = nnx.merge(graphdef, jax.tree.map(lambda p: p[0], stacked))
-        one = first.init_cache(batch_size, max_len)
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.n_groups,) + a.shape), one)
+        out = {}
+        for name, stack in self._stacks():
+            graphdef, stacked = nnx.split(stack)
+            n = jax.tree.leaves(stacked)[0].shape[0]
+            first = nnx.merge(graphdef, jax.tree.map(lambda p: p[0], stacked))
+            one = first.init_cache(batch_size, max_len)
+            out[name] = jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), one)
+        return out
 
-    def decode(self, tokens, cache, *, position):
+    def decode(self, tokens, cache: dict, *, position):
         """One decoding step: ``tokens`` int32 ``[B, 1]`` at index ``position`` (int32 scalar).
 
         Returns ``(logits float32 [B, 1, vocab_size], cache)``; a scan over the layer groups as in
         training, so the logits equal the full forward pass's at that position.
         """
         x = self.embed(tokens, self.dtype)
-        graphdef, stacked = nnx.split(self.groups)
+        new_cache = {}
+        for name, stack in self._stacks():
+            graphdef, stacked = nnx.split(stack)
 
-        def body(h, layer):
-            group_state, group_cache = layer
-            h, group_cache = nnx.merge(graphdef, group_state).decode(h, group_cache, position=position)
-            return h, group_cache
+            def body(h, layer, graphdef=graphdef):
+                group_state, group_cache = layer
+                return nnx.merge(graphdef, group_state).decode(h, group_cache, position=position)
 
-        x, cache = jax.lax.scan(body, x, (stacked, cache))
-        return self.logits(self.final_norm(x)), cache
+            x, new_cache[name] = jax.lax.scan(body, x, (stacked, cache[name]))
+        return self.logits(self.final_norm(x)), new_cache
 
 
 def new_model(cfg, seed: int) -> LM:
@@ -181,13 +254,44 @@ def new_model(cfg, seed: int) -> LM:
 
 
 def count_params(cfg) -> dict[str, int]:
-    """Parameter counts without allocating: ``n_params`` and ``n_params_non_embedding``.
+    """Parameter counts without allocating: ``n_params``, ``n_params_non_embedding`` and
+    ``n_active_params`` (parameters one token uses: an MoE layer's unchosen ``E - top_k`` experts
+    excluded; equal to ``n_params`` for dense models).
 
     Non-embedding excludes the token embedding matrix (and the untied head), following Kaplan et
-    al. 2020. MoE subclasses add ``n_active_params``; for dense models it equals ``n_params``.
+    al. 2020. The MoE ``expert_bias`` (not trained by gradient) is not counted.
     """
     abstract = nnx.eval_shape(lambda: new_model(cfg, 0))
-    state = nnx.state(abstract, nnx.Param)
-    total = sum(int(v.size) for v in jax.tree.leaves(state))
+    state = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    total = sum(int(v.size) for path, v in flat if getattr(path[-1], "key", None) != "expert_bias")
     emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    return {"n_params": total, "n_params_non_embedding": total - emb, "n_active_params": total}
+    inactive = 0
+    for _, ffn in layer_kinds(cfg):
+        if ffn != "mlp":
+            inactive += getattr(registry.get_ffn(ffn), "n_inactive_params", lambda c: 0)(cfg)
+    return {"n_params": total, "n_params_non_embedding": total - emb, "n_active_params": total - inactive}
+
+
+def update_expert_bias(params: dict, aux: dict, rate: float) -> dict:
+    """Aux-loss-free balancing step (DeepSeek-V3 §2.1.2): ``b_i += rate * sign(mean load - load_i)``.
+
+    Args:
+      params: the pure-dict parameters; every MoE block's ``ffn.expert_bias`` ``[n_groups, E]``
+        is updated (outside the gradient).
+      aux: the step's metrics holding ``"{stack}/expert_counts/{block}"`` ``[n_groups, E]``.
+    Returns:
+      new params (other leaves untouched).
+    """
+    params = dict(params)
+    for key, counts in aux.items():
+        stack, name, block = key.split("/")
+        if name != "expert_counts":
+            continue
+        blocks = dict(params[stack]["blocks"])
+        ffn = dict(blocks[int(block)]["ffn"])
+        mean = jnp.mean(counts, axis=-1, keepdims=True)
+        ffn["expert_bias"] = ffn["expert_bias"] + rate * jnp.sign(mean - counts)
+        blocks[int(block)] = {**blocks[int(block)], "ffn": ffn}
+        params[stack] = {**params[stack], "blocks": blocks}
+    return params

@@ -22,6 +22,7 @@ MIXERS: dict[str, str] = {
 
 FFNS: dict[str, str] = {
     "mlp": "efficient_arch.models.layers:MLP",
+    "moe": "efficient_arch.models.moe:MoE",
 }
 
 
