@@ -1,4 +1,5 @@
-"""Data: byte tokenizer, token sources (stdlib / text / memmap) and grain batch pipelines.
+"""Data: byte tokenizer, token sources (stdlib / text / memmap), synthetic tasks (mqar / induction /
+selective_copy, batches with a ``loss_mask``) and grain batch pipelines.
 
 Typical use::
 
@@ -32,10 +33,12 @@ from efficient_arch.data.sources import (
     text_files,
 )
 from efficient_arch.data.tokenizer import BOS, EOS, PAD, VOCAB_NEEDED, decode, encode
+from efficient_arch.data import synthetic  # registers the mqar / induction / selective_copy sources
+from efficient_arch.data.synthetic import TaskIterator
 
 __all__ = [
     "BOS", "EOS", "PAD", "VOCAB_NEEDED", "SOURCES", "Source", "TrainIterator", "decode",
     "default_cache_dir", "encode", "gather_batch", "load_memmap", "load_source", "load_stdlib",
     "load_text", "make_eval_batches", "make_train_iterator", "n_windows", "register_source",
-    "split_is_val", "stdlib_files", "text_files", "tokenizer", "window",
+    "split_is_val", "stdlib_files", "synthetic", "TaskIterator", "text_files", "tokenizer", "window",
 ]

@@ -154,13 +154,19 @@ def make_train_iterator(cfg, source: Source, *, process_index: int = 0, process_
     Returns:
       A :class:`TrainIterator` yielding ``{"inputs": int32[local_B, T], "targets": int32[local_B, T]}``
       with ``targets[:, t] == inputs[:, t + 1]`` along each window, and exposing
-      ``get_state() -> dict`` / ``set_state(dict)``.
+      ``get_state() -> dict`` / ``set_state(dict)``. For a synthetic task source (``source.task``
+      set) a :class:`efficient_arch.data.synthetic.TaskIterator` with the same interface whose
+      batches add ``"loss_mask": int32[local_B, T]``.
 
     Raises:
       ValueError: ``train.batch_size`` not divisible by ``process_count``; a train split without a
         single complete window (names ``model.seq_len``).
     """
     gb, lo, hi = _local_rows(cfg, process_index, process_count)
+    if source.task is not None:  # synthetic task: batches are generated, with a loss mask
+        from efficient_arch.data import synthetic
+
+        return synthetic.make_task_iterator(cfg, source, lo, hi)
     return TrainIterator(source.train_tokens, seq_len=cfg.model.seq_len, global_batch=gb,
                          seed=int(cfg.train.seed), lo=lo, hi=hi, read_options=read_options)
 
@@ -179,7 +185,8 @@ def make_eval_batches(cfg, source: Source, n_batches: int | None = None, *, proc
       n_batches: number of batches (None -> ``train.eval_batches``).
 
     Returns:
-      ``[{"inputs": int32[local_B, T], "targets": int32[local_B, T]}, ...]`` of length ``n_batches``.
+      ``[{"inputs": int32[local_B, T], "targets": int32[local_B, T]}, ...]`` of length ``n_batches``
+      (synthetic tasks: validation examples of the task, plus ``"loss_mask"``).
 
     Raises:
       ValueError: the validation split has no complete window of ``model.seq_len + 1`` tokens (names
@@ -190,6 +197,10 @@ def make_eval_batches(cfg, source: Source, n_batches: int | None = None, *, proc
     if n_batches < 0:
         raise ValueError(f"n_batches={n_batches} must be non-negative")
     gb, lo, hi = _local_rows(cfg, process_index, process_count)
+    if source.task is not None:  # synthetic task: the first validation examples of its stream
+        from efficient_arch.data import synthetic
+
+        return synthetic.make_task_eval_batches(cfg, source, n_batches, lo, hi)
     seq_len = cfg.model.seq_len
     stream = source.val_tokens
     if seq_len >= 1 and n_windows(stream, seq_len) == 0:

@@ -49,12 +49,16 @@ class Source:
       info: JSON-serializable dict; always has ``source``, ``path``, ``n_train_tokens``,
         ``n_val_tokens``, ``fingerprint``; byte sources add ``n_files``, ``n_bytes``,
         ``n_train_docs``, ``n_val_docs`` and ``cache_files``.
+      task: for the synthetic tasks (``mqar``, ``induction``, ``selective_copy``) the
+        :class:`efficient_arch.data.synthetic.Task` that generates the examples (the token streams
+        are then empty and the pipeline draws batches from the task); None for token streams.
     """
 
     name: str
     train_tokens: np.ndarray
     val_tokens: np.ndarray
     info: dict
+    task: object = None
 
     def split(self, name: str) -> np.ndarray:
         """Return the token stream of split ``"train"`` or ``"val"``; ValueError otherwise."""
