@@ -112,3 +112,15 @@ class Attention(nnx.Module):
         else:
             raise ValueError(f"attention convention {attention!r}: choose 'causal' or 'full'")
         return proj + 4.0 * h * hd * t_eff
+
+    @staticmethod
+    def decode_flops_per_token(cfg, context: int) -> float:
+        """Forward FLOPs of one decode step (one new token, ``context`` tokens cached).
+
+        Projections as :meth:`flops_per_token` plus ``QK^T`` and ``AV`` over the ``context + 1``
+        visible keys (the cached ones and the new one): ``4 n_heads head_dim (context + 1)``.
+        This is what a length-aware kernel computes; :meth:`decode` here scores all ``max_len``
+        slots of the allocated cache (masked), i.e. ``max_len`` in place of ``context + 1``.
+        """
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        return 2.0 * d * (h + 2 * kv) * hd + 2.0 * h * hd * d + 4.0 * h * hd * (context + 1)

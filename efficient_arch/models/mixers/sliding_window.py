@@ -195,3 +195,16 @@ class SlidingWindowAttention(Attention):
         else:
             raise ValueError(f"attention convention {attention!r}: choose 'causal' or 'full'")
         return proj + 4.0 * h * hd * t_eff
+
+    @staticmethod
+    def decode_flops_per_token(cfg, context: int) -> float:
+        """Forward FLOPs of one decode step (one new token, ``context`` tokens cached).
+
+        Projections plus ``QK^T`` and ``AV`` over the ``min(window_size, context + 1)`` keys the
+        new token sees (its own and the last ``window_size - 1`` cached):
+        ``4 n_heads head_dim min(W, context + 1)``; :meth:`decode` scores every slot of the ring
+        buffer (``min(W, max_len)``), the same once the buffer is full.
+        """
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        keys = min(int(cfg.window_size), context + 1)
+        return 2.0 * d * (h + 2 * kv) * hd + 2.0 * h * hd * d + 4.0 * h * hd * keys
