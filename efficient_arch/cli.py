@@ -1,8 +1,10 @@
-"""Command line: ``efficient-arch train|flops`` (also ``python -m efficient_arch``).
+"""Command line: ``efficient-arch train|flops|roofline`` (also ``python -m efficient_arch``).
 
     efficient-arch train --config=experiments/configs/transformer.py:small \\
         --config.model.n_layers=4 --workdir=runs/x
     efficient-arch flops --config=experiments/configs/transformer.py:small [--json=out.json]
+    efficient-arch roofline --config=experiments/configs/transformer.py:base --chip=h100 \\
+        --batch=1 --context=32768 [--arch=all] [--json=out.json]
 
 Config overrides use ml_collections' ``config_flags`` syntax (``--config.section.field=value``,
 typed, including None-able fields). Config errors are printed as one line naming the field and
@@ -22,6 +24,11 @@ commands:
   train   train a model: --config=FILE[:SIZE] [--config.a.b=v ...] --workdir=DIR [--noprogress]
   flops   compile the train step without training and print analytic vs XLA FLOPs:
           --config=FILE[:SIZE] [--config.a.b=v ...] [--json=PATH]
+  roofline  FLOPs, bytes, arithmetic intensity and utilization ceiling of the train step and
+          of one decode step on a chip: --config=FILE[:SIZE] [--config.a.b=v ...] --chip=h100
+          --batch=B --context=T [--arch=all [--size=base]] [--hbm_bandwidth=BYTES_PER_S]
+          [--weight_dtype=DTYPE] [--notrain] [--json=PATH]
+          (--arch=all: one row per experiments/configs file at --size)
 
 default config: experiments/configs/transformer.py:small
 """
@@ -82,6 +89,19 @@ def parse_args(cmd: str, argv: list[str]):
         flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
     if cmd == "flops":
         flags.DEFINE_string("json", None, "write the table as JSON to this path", flag_values=fv)
+    if cmd == "roofline":
+        flags.DEFINE_string("json", None, "write the result as JSON to this path", flag_values=fv)
+        flags.DEFINE_string("chip", None, "chip: h100, h100-pcie, h200, h800, b200, a100-40gb, "
+                            "a100-80gb, v4, v5e, v5p, v6e, ... (default: the local accelerator)", flag_values=fv)
+        flags.DEFINE_integer("batch", 1, "sequences per step", flag_values=fv)
+        flags.DEFINE_integer("context", None, "train sequence length and decode cache length "
+                             "(default: the config's seq_len)", flag_values=fv)
+        flags.DEFINE_string("arch", None, "'all': one row per experiments/configs file", flag_values=fv)
+        flags.DEFINE_string("size", "base", "config size for --arch=all", flag_values=fv)
+        flags.DEFINE_float("hbm_bandwidth", None, "HBM bytes/s per device (overrides the table)", flag_values=fv)
+        flags.DEFINE_string("weight_dtype", None, "dtype decode reads weights in (default: model.dtype)",
+                            flag_values=fv)
+        flags.DEFINE_bool("train", True, "also the train-step roofline (--notrain: decode only)", flag_values=fv)
     try:  # with the default --config, overrides are applied (and may fail) already when defining
         config_flags.DEFINE_config_file("config", default, "config file[:arg]", flag_values=fv,
                                         lock_config=True, sys_argv=argv)
@@ -194,7 +214,50 @@ def cmd_flops(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "flops": cmd_flops}
+def cmd_roofline(argv: list[str]) -> int:
+    fv = parse_args("roofline", argv)
+    from efficient_arch import roofline as rl
+    from efficient_arch.config import ConfigError
+
+    chip = fv.chip
+    if chip is None:
+        import jax
+
+        dev = jax.devices()[0]
+        if dev.platform == "cpu":
+            _die("efficient-arch roofline: the local device is a CPU; pass --chip=<accelerator> "
+                 "(h100, a100-80gb, v5e, ...) or --chip=NAME --hbm_bandwidth=<bytes/s> "
+                 "--config.flops.peak_flops=<FLOP/s>")
+        chip = dev.device_kind
+    if fv.arch not in (None, "all"):
+        _die(f"efficient-arch roofline: --arch={fv.arch!r}: only 'all' is known (one row per config file); "
+             "for one architecture pass --config")
+    kw = dict(chip=chip, batch=fv.batch, weight_dtype=fv.weight_dtype, hbm_bandwidth=fv.hbm_bandwidth,
+              train=fv.train)
+    try:
+        if fv.arch == "all":
+            overrides = [a for a in argv if a.startswith("--config.")]
+            rows = []
+            for path in rl.config_files(os.path.join(REPO_ROOT, "experiments", "configs")):
+                cfg = parse_args("roofline", [f"--config={path}:{fv.size}"] + overrides).config
+                context = fv.context or cfg.model.seq_len
+                rows.append({"config": os.path.basename(path), **rl.roofline(cfg, context=context, **kw)})
+            rl.print_all(rows)
+            out = {"size": fv.size, "rows": rows}
+        else:
+            out = rl.roofline(fv.config, context=fv.context or fv.config.model.seq_len, **kw)
+            rl.print_one(out)
+    except ConfigError:
+        raise
+    except ValueError as e:  # UnknownAcceleratorError included: the message names the flag to pass
+        _die(f"efficient-arch roofline: {e}")
+    if fv.json:
+        with open(fv.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "flops": cmd_flops, "roofline": cmd_roofline}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -479,3 +479,95 @@ def roofline(cfg, *, chip: str, batch: int, context: int, weight_dtype: str | No
     if train:
         out["train"] = train_roofline(fcfg, chip_fig, batch, context, _model=model)
     return out
+
+
+# ------------------------------------------------------------------------------------- printing
+
+def config_files(directory: str) -> list[str]:
+    """Experiment config files (``*.py`` not starting with ``_``) in ``directory``, sorted."""
+    import os
+
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                  if f.endswith(".py") and not f.startswith("_"))
+
+
+def _si(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    if v == 0:
+        return f"0 {unit}"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""),
+                          (1e-3, "m"), (1e-6, "µ")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {prefix}{unit}"
+    return f"{v * 1e9:.3g} n{unit}"
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.3g}%"
+
+
+def _chip_caption(chip: dict) -> str:
+    return (f"{chip['chip']}: peak {_si(chip['peak_flops_per_s'], 'FLOP/s')} {chip['dtype']} "
+            f"({chip['peak_source']}); HBM {_si(chip['hbm_bytes_per_s'], 'B/s')} ({chip['hbm_source']}); "
+            f"ridge {chip['ridge_flops_per_byte']:.3g} FLOP/B")
+
+
+def print_one(result: dict, console=None) -> None:
+    """Print :func:`roofline` output as a rich table (rows: quantities; columns: train, decode)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    steps = [(k, result[k]) for k in ("train", "decode") if k in result]
+    table = Table(title=f"Roofline: {'+'.join(result['mixers'])} ({_si(result['n_params'], '')}params, "
+                        f"{result['dtype']}) on {result['chip']['chip']}, batch {result['batch']}, "
+                        f"context {result['context']}",
+                  caption=_chip_caption(result["chip"]))
+    table.add_column("per step", style="bold")
+    for name, _ in steps:
+        table.add_column("train step" if name == "train" else "decode step (1 token/seq)", justify="right")
+
+    def row(label, fn):
+        table.add_row(label, *[fn(s) for _, s in steps])
+
+    row("model FLOPs", lambda s: _si(s["flops"], "FLOP"))
+    row("FLOPs / token", lambda s: _si(s["flops_per_token"], "FLOP"))
+    for term in ("weights", "gradients", "optimizer", "activations", "state_read", "state_written"):
+        row(f"bytes: {term.replace('_', ' ')}", lambda s, t=term: _si(s["bytes"].get(t), "B") if t in s["bytes"] else "-")
+    row("bytes total", lambda s: _si(s["bytes_total"], "B"))
+    row("bytes / token", lambda s: _si(s["bytes_per_token"], "B"))
+    row("intensity (FLOP/B)", lambda s: f"{s['intensity_flops_per_byte']:.3g}")
+    row("ridge point (FLOP/B)", lambda s: f"{s['ridge_flops_per_byte']:.3g}")
+    row("utilization ceiling", lambda s: _pct(s["ceiling"]))
+    row("bound", lambda s: s["bound"])
+    row("time / step (>=)", lambda s: _si(s["time_s"], "s"))
+    row("tokens/s (<=)", lambda s: _si(s["tokens_per_s"], ""))
+    (console or Console()).print(table)
+
+
+def print_all(rows: list[dict], console=None) -> None:
+    """Print one row per config (``rows``: :func:`roofline` outputs with a ``config`` key):
+    decode bytes per token (and the state's share), FLOPs per token, intensity, ceiling and the
+    tokens/s bound, bytes per token relative to ``transformer.py``, and the train-step ceiling."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    first = rows[0]
+    ref = next((r for r in rows if r["config"] == "transformer.py"), None)
+    table = Table(title=f"Decode roofline per architecture: batch {first['batch']}, context {first['context']} "
+                        f"on {first['chip']['chip']} ({first['chip']['dtype']})",
+                  caption=_chip_caption(first["chip"]))
+    for col in ("config", "mixers", "params", "decode B/token", "state B/token", "FLOPs/token",
+                "FLOP/B", "ceiling", "tokens/s (<=)", "B/token vs transformer", "train ceiling"):
+        table.add_column(col, justify="left" if col in ("config", "mixers") else "right")
+    for r in rows:
+        d = r["decode"]
+        state = (d["bytes"]["state_read"] + d["bytes"]["state_written"]) / d["tokens_per_step"]
+        rel = f"{d['bytes_per_token'] / ref['decode']['bytes_per_token']:.3g}x" if ref else "-"
+        table.add_row(r["config"], "+".join(r["mixers"]), _si(r["n_params"], ""), _si(d["bytes_per_token"], "B"),
+                      _si(state, "B"), _si(d["flops_per_token"], "FLOP"), f"{d['intensity_flops_per_byte']:.3g}",
+                      _pct(d["ceiling"]), _si(d["tokens_per_s"], ""), rel,
+                      _pct(r["train"]["ceiling"]) if "train" in r else "-")
+    (console or Console()).print(table)
