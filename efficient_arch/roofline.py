@@ -561,7 +561,8 @@ def print_all(rows: list[dict], console=None) -> None:
                   caption=_chip_caption(first["chip"]))
     for col in ("config", "mixers", "params", "decode B/token", "state B/token", "FLOPs/token",
                 "FLOP/B", "ceiling", "tokens/s (<=)", "B/token vs transformer", "train ceiling"):
-        table.add_column(col, justify="left" if col in ("config", "mixers") else "right")
+        table.add_column(col, justify="left" if col in ("config", "mixers") else "right",
+                         no_wrap=col in ("config", "mixers"))
     for r in rows:
         d = r["decode"]
         state = (d["bytes"]["state_read"] + d["bytes"]["state_written"]) / d["tokens_per_step"]
@@ -570,4 +571,6 @@ def print_all(rows: list[dict], console=None) -> None:
                       _si(state, "B"), _si(d["flops_per_token"], "FLOP"), f"{d['intensity_flops_per_byte']:.3g}",
                       _pct(d["ceiling"]), _si(d["tokens_per_s"], ""), rel,
                       _pct(r["train"]["ceiling"]) if "train" in r else "-")
-    (console or Console()).print(table)
+    if console is None:  # eleven columns: never squeeze them into an 80-column pipe
+        console = Console(width=max(Console().width, 200))
+    console.print(table)

@@ -129,5 +129,5 @@ class Based(nnx.Module):
         d, h, hd, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.feature_dim
         proj = 2.0 * d * h * (2 * f + hd) + 2.0 * h * hd * d
         la = flops_gated_linear_attention(seq_len, h, 1 + f + f * f, hd + 1, form=cfg.mixer_form,
-                                          chunk_size=cfg.chunk_size, vector_decay=False)
+                                          chunk_size=cfg.chunk_size, vector_decay=False, has_decay=False)
         return proj + la
