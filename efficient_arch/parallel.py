@@ -8,6 +8,7 @@ and activations carry *logical* axis names; :data:`RULES` maps each logical name
     embed  -> fsdp                    parameters' model dimension: ZeRO-3 style sharding
     heads, kv_heads, mlp, vocab -> tensor   Megatron-style tensor parallelism
     expert -> expert                  expert parallelism (MoE)
+    act_batch_exp, act_expert         MoE dispatch buffer: batch over (data, fsdp), experts over expert
     layers, head_dim, seq, act_embed -> replicated
 
 Activations use ``act_*`` names so that their model dimension is not sharded over fsdp.
@@ -40,6 +41,10 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "act_kv_heads": ("tensor",),
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
+    # MoE dispatch buffer [B, E, C, d]: batch over the data axes only, experts over "expert"
+    # (the token -> expert reshuffle between the two layouts is GSPMD's all-to-all)
+    "act_batch_exp": ("data", "fsdp"),
+    "act_expert": ("expert",),
 }
 
 
