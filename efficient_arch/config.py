@@ -82,7 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
     mo.n_shared_experts = 0  # always-active experts (DeepSeekMoE, Llama-4)
     mo.d_ff_expert = config_dict.placeholder(int)  # None -> d_ff; hidden size of each expert
     mo.router = "softmax"  # "softmax" (Switch/Mixtral) | "sigmoid" (DeepSeek-V3)
-    mo.norm_top_k = False  # softmax router: renormalize the top-k weights (sigmoid always does)
+    mo.norm_top_k = False  # divide the top-k weights by their sum (Mixtral; DeepSeek-V3 sigmoid)
     mo.route_scale = 1.0  # multiplies the routed weights (DeepSeek-V3: 2.5)
     mo.dispatch = "capacity"  # "capacity" (drop over capacity) | "dropless" (sorted + ragged_dot)
     mo.capacity_factor = 1.25  # slots per expert per sequence = ceil(cf * T * k / E), <= T

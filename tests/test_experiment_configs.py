@@ -1,5 +1,6 @@
 """Every experiments/configs file builds at every size, validates, and matches the transformer's
-parameter count within 10% (the families are compared at equal size)."""
+*active* parameter count within 10% (the families are compared at equal size; for dense models
+active = total, MoE configs are compared at equal active parameters)."""
 
 import pytest
 
@@ -16,7 +17,7 @@ CONFIGS = sorted(p.name for p in (REPO_ROOT / "experiments/configs").glob("*.py"
 def test_config_builds_and_matches_transformer_params(name, size):
     cfg = finalize(load_config(REPO_ROOT / "experiments/configs" / name, size), 1)
     ref = finalize(load_config(REPO_ROOT / "experiments/configs/transformer.py", size), 1)
-    n, n_ref = count_params(cfg.model)["n_params"], count_params(ref.model)["n_params"]
+    n, n_ref = count_params(cfg.model)["n_active_params"], count_params(ref.model)["n_params"]
     assert abs(n / n_ref - 1) <= 0.10, (name, size, n, n_ref)
 
 

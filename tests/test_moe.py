@@ -94,7 +94,7 @@ def test_ties_go_to_lower_expert_and_capacity_keeps_earliest_tokens():
 def test_sigmoid_router_normalizes_and_bias_only_selects():
     logits = jnp.asarray([[0.0, 1.0, 2.0, -1.0]])
     bias = jnp.asarray([0.0, 0.0, -10.0, 0.0])  # pushes expert 2 out of the selection
-    idx, w, probs = moe.route(logits, bias, router="sigmoid", top_k=2, norm_top_k=False, route_scale=2.5)
+    idx, w, probs = moe.route(logits, bias, router="sigmoid", top_k=2, norm_top_k=True, route_scale=2.5)
     assert sorted(np.asarray(idx)[0].tolist()) == [0, 1]
     s = 1 / (1 + np.exp(-np.asarray([0.0, 1.0])))
     np.testing.assert_allclose(np.sort(np.asarray(w)[0]), np.sort(2.5 * s / s.sum()), rtol=1e-6)
@@ -311,6 +311,7 @@ def test_train_step_logs_moe_metrics_and_aux_mean_over_microbatches():
 def test_moe_lm_trains_and_decodes_like_forward():
     cfg = finalize(_moe_cfg(model__n_layers=4, model__moe__moe_every=2, model__moe__first_k_dense=2,
                             model__moe__n_shared_experts=1, model__moe__router="sigmoid",
+                            model__moe__norm_top_k=True,
                             model__moe__capacity_factor=4.0, model__seq_len=24,
                             train__lr=1e-2, train__warmup_steps=0), 1)
     model = new_model(cfg.model, 0)

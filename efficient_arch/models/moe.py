@@ -7,8 +7,11 @@ Router (``model.moe.router``):
 
 * ``softmax``: probabilities ``softmax(x W_r)``; top-k of them; weights = the top-k probabilities,
   renormalized to sum to 1 when ``norm_top_k`` (Mixtral) or not (Switch, GShard).
-* ``sigmoid``: scores ``sigmoid(x W_r)``; top-k; weights = the top-k scores divided by their sum
-  (DeepSeek-V3, Liu et al. 2024, eqs. 15-16), times ``route_scale``.
+* ``sigmoid``: scores ``sigmoid(x W_r)``; top-k; weights = the top-k scores, divided by their sum
+  when ``norm_top_k`` (DeepSeek-V3, Liu et al. 2024, eqs. 15-16) or used as they are (Llama-4's
+  top-1 router: a normalized top-1 weight would be 1 and give the router no gradient).
+
+Weights are finally multiplied by ``route_scale`` (DeepSeek-V3's routed scaling factor).
 
 Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2): a per-expert ``expert_bias`` is added to the
 scores *for the top-k selection only* (weights use the unbiased scores). It is not trained by
@@ -86,7 +89,7 @@ def route(logits: jax.Array, bias: jax.Array, *, router: str, top_k: int, norm_t
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     _, idx = jax.lax.top_k(scores + jax.lax.stop_gradient(bias), top_k)
     weights = jnp.take_along_axis(scores, idx, axis=-1)
-    if router == "sigmoid" or norm_top_k:
+    if norm_top_k:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return idx, weights * route_scale, probs
 
