@@ -57,6 +57,7 @@ from efficient_arch.data.sources import Source, register_source
 
 TRAIN, VAL = 0, 1  # seed-stream ids of the two splits
 VAL_BLOCK = 256  # candidates per validation block
+MAX_EMPTY_DRAWS = 64  # consecutive draws without one example of the wanted split -> ValueError
 BATCH_KEYS = ("inputs", "targets", "loss_mask")
 TASK_NAMES = ("mqar", "induction", "selective_copy")
 
@@ -280,20 +281,34 @@ def _concat(parts: list[dict], n: int) -> dict:
     return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
 
 
+def _starved(empty: int, task: Task, split: str, val_fraction: float) -> None:
+    if empty >= MAX_EMPTY_DRAWS:
+        raise ValueError(
+            f"{task.name}: {empty} draws in a row produced no {split} example: the task's example space "
+            f"(task_vocab={task.vocab}, seq_len={task.seq_len}) is so small that no example hashes into the "
+            f"{split} split at data.val_fraction={val_fraction}; enlarge the task or change data.val_fraction")
+
+
 def train_batch(task: Task, seed: int, index: int, batch_size: int, val_fraction: float) -> dict[str, np.ndarray]:
     """Global training batch ``index``: ``batch_size`` train-split examples (``int32[B, T]`` each).
 
     Drawn from ``default_rng([seed, 0, index])`` in blocks; examples that hash into the
     validation split are dropped (:func:`is_val`).
+
+    Raises:
+      ValueError: ``MAX_EMPTY_DRAWS`` blocks in a row hold no train example (a degenerate example
+        space: every possible example hashes into validation).
     """
     rng = np.random.default_rng([seed, TRAIN, index])
     per = int(math.ceil(batch_size / max(1.0 - val_fraction, 1e-3) * 1.1)) + 2
-    parts, have = [], 0
+    parts, have, empty = [], 0, 0
     while have < batch_size:
         b = task.generate(rng, per)
         b = _take(b, ~is_val(b, val_fraction))
         parts.append(b)
         have += len(b["inputs"])
+        empty = 0 if len(b["inputs"]) else empty + 1
+        _starved(empty, task, "train", val_fraction)
     return _concat(parts, batch_size)
 
 
@@ -302,14 +317,19 @@ def val_examples(task: Task, seed: int, n: int, val_fraction: float) -> dict[str
     from ``default_rng([seed, 1, j])``, keeping those that hash into the validation split.
 
     A prefix of the same stream for every ``n`` (more eval batches extend the set).
+
+    Raises:
+      ValueError: ``MAX_EMPTY_DRAWS`` blocks in a row hold no validation example.
     """
-    parts, have, j = [], 0, 0
+    parts, have, j, empty = [], 0, 0, 0
     while have < n:
         b = task.generate(np.random.default_rng([seed, VAL, j]), VAL_BLOCK)
         b = _take(b, is_val(b, val_fraction))
         parts.append(b)
         have += len(b["inputs"])
         j += 1
+        empty = 0 if len(b["inputs"]) else empty + 1
+        _starved(empty, task, "validation", val_fraction)
     return _concat(parts, n) if n else {k: np.zeros((0, task.seq_len), np.int32) for k in BATCH_KEYS}
 
 
@@ -369,6 +389,7 @@ def _load_task(cfg) -> Source:
     _check(0 < vf < 1, f"config.data.val_fraction={vf!r}: must lie strictly between 0 and 1")
     _check(task.vocab <= cfg.model.vocab_size,
            f"config.data.task_vocab={task.vocab}: exceeds model.vocab_size={cfg.model.vocab_size}")
+    val_examples(task, int(cfg.data.seed), 1, vf)  # fail now if no example can be a validation one
     T, B = task.seq_len, cfg.train.batch_size
     info = {"source": task.name, "path": None, "fingerprint": fingerprint(task, int(cfg.data.seed), vf),
             "seed": int(cfg.data.seed), "val_fraction": vf, "tokenizer": "synthetic",
