@@ -215,9 +215,13 @@ def _mixer_cache_grows(name: str, mcfg) -> bool:
     return sizes(1) != sizes(2)
 
 
-def decode_flops_per_token(mcfg, context: int) -> dict[str, float]:
+def decode_flops_per_token(mcfg, context: int, *, executed: bool = False) -> dict[str, float]:
     """Analytic forward FLOPs for one new token per sequence with ``context`` tokens cached.
 
+    Args:
+      executed: count each FFN as this implementation executes it on a 1-token sequence
+        (``flops_per_token(..., executed=True)`` at ``seq_len=1``: an MoE with capacity dispatch
+        then runs every expert's single slot) instead of its model FLOPs (active experts).
     Returns:
       dict ``mixers`` (all layers, :func:`mixer_decode_flops_per_token`), ``ffn`` (all layers,
       each FFN's ``flops_per_token``: active experts for an MoE), ``lm_head`` (``2 V d``) and
@@ -228,7 +232,8 @@ def decode_flops_per_token(mcfg, context: int) -> dict[str, float]:
     kinds = _layer_kinds(mcfg)
     per_mixer = {n: mixer_decode_flops_per_token(n, mcfg, context) for n in dict.fromkeys(k[0] for k in kinds)}
     mixers = sum(per_mixer[m] for m, _ in kinds)
-    ffn = sum(registry.get_ffn(f).flops_per_token(mcfg, context + 1) for _, f in kinds)
+    kw = {"executed": True} if executed else {}
+    ffn = sum(registry.get_ffn(f).flops_per_token(mcfg, 1, **kw) for _, f in kinds)
     head = 2.0 * mcfg.vocab_size * mcfg.d_model
     return {"mixers": mixers, "ffn": ffn, "lm_head": head, "total": mixers + ffn + head}
 
