@@ -29,9 +29,9 @@ FLOPs, bytes, seconds. What is counted:
 * ``gradients`` and ``optimizer`` (train): float gradients written by the backward pass and read
   by clipping and by AdamW; AdamW's two moments read and written; parameters read and written
   by the update (all in ``param_dtype``).
-* ``activations``: every matmul output written once and read once (elementwise work assumed
-  fused into its neighbours), at the compute dtype's width: ``2 x`` the bytes of all
-  ``dot_general`` outputs of the traced program (train: value-and-grad of the loss; decode: one
+* ``activations``: every matmul output written once and read once (elementwise work, and
+  contraction-free products, assumed fused into their neighbours), at the compute dtype's
+  width: ``2 x`` the bytes of all ``dot_general`` outputs of the traced program (train: value-and-grad of the loss; decode: one
   ``LM.decode`` step), loops counted times their trip counts, batch-independent dots (weight
   gradients) excluded. As executed by this implementation: the XLA form of softmax attention
   materialises the ``[B, H, T, T]`` scores (a fused flash kernel would not).
@@ -297,7 +297,9 @@ def decode_state_bytes(mcfg, batch: int, context: int, *, _model=None) -> dict[s
 def dot_output_elements(jaxpr) -> float:
     """Elements of every ``dot_general`` output in a (closed) jaxpr, loops times trip counts.
 
-    Sub-jaxprs are walked recursively: a ``scan`` body counts ``length`` times, a ``cond`` its
+    A dot without contraction (contracted size 1: an outer product such as a recurrent state's
+    rank-1 update ``k^T v``) is an elementwise product, which XLA rewrites as a multiply and
+    fuses with its neighbours: it is not counted. Sub-jaxprs are walked recursively: a ``scan`` body counts ``length`` times, a ``cond`` its
     largest branch, everything else (``pjit``, ``remat``, custom derivatives) once. A
     ``while`` loop's trip count is unknown statically and counts once.
     """
@@ -305,7 +307,9 @@ def dot_output_elements(jaxpr) -> float:
     total = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
-            total += float(np.prod(eqn.outvars[0].aval.shape))
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            if np.prod([eqn.invars[0].aval.shape[i] for i in lhs_contract]) > 1:
+                total += float(np.prod(eqn.outvars[0].aval.shape))
         subs = []
         for v in eqn.params.values():
             for x in (v if isinstance(v, (list, tuple)) else [v]):
@@ -524,7 +528,7 @@ def print_one(result: dict, console=None) -> None:
     from rich.table import Table
 
     steps = [(k, result[k]) for k in ("train", "decode") if k in result]
-    table = Table(title=f"Roofline: {'+'.join(result['mixers'])} ({_si(result['n_params'], '')}params, "
+    table = Table(title=f"Roofline: {'+'.join(result['mixers'])} ({_si(result['n_params'], '')} params, "
                         f"{result['dtype']}) on {result['chip']['chip']}, batch {result['batch']}, "
                         f"context {result['context']}",
                   caption=_chip_caption(result["chip"]))
@@ -564,15 +568,19 @@ def print_all(rows: list[dict], console=None) -> None:
     table = Table(title=f"Decode roofline per architecture: batch {first['batch']}, context {first['context']} "
                         f"on {first['chip']['chip']} ({first['chip']['dtype']})",
                   caption=_chip_caption(first["chip"]))
-    for col in ("config", "mixers", "params", "decode B/token", "state B/token", "FLOPs/token",
+    for col in ("config", "mixers / ffn", "params", "decode B/token", "state B/token", "FLOPs/token",
                 "FLOP/B", "ceiling", "tokens/s (<=)", "B/token vs transformer", "train ceiling"):
-        table.add_column(col, justify="left" if col in ("config", "mixers") else "right",
-                         no_wrap=col in ("config", "mixers"))
+        table.add_column(col, justify="left" if col in ("config", "mixers / ffn") else "right",
+                         no_wrap=col in ("config", "mixers / ffn"))
     for r in rows:
         d = r["decode"]
         state = (d["bytes"]["state_read"] + d["bytes"]["state_written"]) / d["tokens_per_step"]
         rel = f"{d['bytes_per_token'] / ref['decode']['bytes_per_token']:.3g}x" if ref else "-"
-        table.add_row(r["config"], "+".join(r["mixers"]), _si(r["n_params"], ""), _si(d["bytes_per_token"], "B"),
+        params = _si(r["n_params"], "")
+        if r["n_active_params"] != r["n_params"]:
+            params += f" ({_si(r['n_active_params'], '')} active)"
+        arch = "+".join(r["mixers"]) + ("" if r["ffns"] == ["mlp"] else " / " + "+".join(r["ffns"]))
+        table.add_row(r["config"], arch, params, _si(d["bytes_per_token"], "B"),
                       _si(state, "B"), _si(d["flops_per_token"], "FLOP"), f"{d['intensity_flops_per_byte']:.3g}",
                       _pct(d["ceiling"]), _si(d["tokens_per_s"], ""), rel,
                       _pct(r["train"]["ceiling"]) if "train" in r else "-")
