@@ -1,10 +1,11 @@
-"""Command line: ``efficient-arch train|flops|roofline`` (also ``python -m efficient_arch``).
+"""Command line: ``efficient-arch train|flops|roofline|sweep`` (also ``python -m efficient_arch``).
 
     efficient-arch train --config=experiments/configs/transformer.py:small \\
         --config.model.n_layers=4 --workdir=runs/x
     efficient-arch flops --config=experiments/configs/transformer.py:small [--json=out.json]
     efficient-arch roofline --config=experiments/configs/transformer.py:base --chip=h100 \\
         --batch=1 --context=32768 [--arch=all] [--json=out.json]
+    efficient-arch sweep experiments/sweeps/mqar_tiny.py --workdir runs/mqar_tiny [--parallel 2]
 
 Config overrides use ml_collections' ``config_flags`` syntax (``--config.section.field=value``,
 typed, including None-able fields). Config errors are printed as one line naming the field and
@@ -29,6 +30,9 @@ commands:
           --batch=B --context=T [--arch=all [--size=base]] [--hbm_bandwidth=BYTES_PER_S]
           [--weight_dtype=DTYPE] [--notrain] [--json=PATH]
           (--arch=all: one row per experiments/configs file at --size)
+  sweep   run every point of a sweep file (efficient_arch/sweep.py), skipping finished ones:
+          experiments/sweeps/NAME.py [--workdir=runs/NAME] [--parallel=N] [--list]
+          (results in WORKDIR/results.csv and results.jsonl)
 
 default config: experiments/configs/transformer.py:small
 """
@@ -257,7 +261,47 @@ def cmd_roofline(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "flops": cmd_flops, "roofline": cmd_roofline}
+def cmd_sweep(argv: list[str]) -> int:
+    """``efficient-arch sweep FILE [--workdir DIR] [--parallel N] [--list]``; exit 1 if a point failed."""
+    import argparse
+
+    from efficient_arch import sweep as sweep_lib
+
+    ap = argparse.ArgumentParser(prog="efficient-arch sweep", description="Run every point of a sweep file.")
+    ap.add_argument("file", help="sweep file, e.g. experiments/sweeps/mqar_tiny.py")
+    ap.add_argument("--workdir", default=None, help="sweep directory (default runs/<file stem>)")
+    ap.add_argument("--parallel", type=int, default=1, help="points at a time (> 1: subprocesses)")
+    ap.add_argument("--list", action="store_true", help="print the points and their status, run nothing")
+    args = ap.parse_args(argv)
+    try:
+        sweep = sweep_lib.load_sweep(args.file)
+        if args.parallel < 1:
+            raise sweep_lib.SweepError(f"--parallel={args.parallel}: must be >= 1")
+    except sweep_lib.SweepError as e:
+        _die(f"efficient-arch sweep: {e}")
+    workdir = args.workdir or os.path.join("runs", sweep.name)
+    if args.list:
+        for p in sweep.points:
+            d = os.path.join(workdir, p.name)
+            state = "finished" if sweep_lib.is_finished(d) else "to run"
+            print(f"{p.name}  [{state}]  {p.config}  {json.dumps(p.overrides)}")
+        return 0
+    print(f"sweep {sweep.name}: {len(sweep.points)} points in {workdir} (parallel {args.parallel})")
+    rows = sweep_lib.run_sweep(sweep, workdir, parallel=args.parallel)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{sweep.name} ({os.path.join(workdir, 'results.csv')})")
+    cols = ["name", "status", "val_accuracy", "final_val_loss", "tokens_per_s", "mfu", "wall_s"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("name", "status") else "right")
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c)) for c in cols])
+    Console().print(table)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+COMMANDS = {"train": cmd_train, "flops": cmd_flops, "roofline": cmd_roofline, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
