@@ -342,11 +342,17 @@ def evaluate(run: Run, params, batches: list[dict]) -> dict[str, float]:
     return {"val_loss": loss, "val_bpb": bpb, "val_accuracy": correct / max(count, 1.0) if masked else None}
 
 
-def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> dict:
+def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
+                 devices: list | None = None) -> dict:
     """Train ``cfg`` in ``workdir``, resuming from its latest checkpoint; returns the summary dict.
 
     Writes ``workdir/metrics.jsonl``, TensorBoard events under ``workdir/tb``, checkpoints under
-    ``workdir/checkpoints`` and ``workdir/summary.json``.
+    ``workdir/checkpoints`` and ``workdir/summary.json``. A checkpoint written on another mesh or
+    device count restores onto this one (arrays are resharded on restore).
+
+    Args:
+      devices: the devices of the mesh (default: all of ``jax.devices()``); e.g.
+        ``jax.devices()[:4]`` to train on a part of the machine.
 
     Raises:
       ConfigError: invalid config (before anything compiles).
@@ -365,7 +371,8 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
     from efficient_arch.metrics import MetricsWriter
     from efficient_arch.models.lm import count_params
 
-    cfg = finalize(cfg, jax.device_count())
+    devices = list(jax.devices() if devices is None else devices)
+    cfg = finalize(cfg, len(devices))
     t = cfg.train
     is_main = jax.process_index() == 0
     say = (console.print if console is not None else print) if is_main else (lambda *a, **k: None)
@@ -390,7 +397,7 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
         f"{info.get('n_val_tokens', 0):,} val tokens, fingerprint {info.get('fingerprint')}")
     # the peak is measured before a mesh is in context (the calibration matmul runs on one device)
     peak, peak_src = hardware.peak_flops_per_device(cfg.model.dtype, override=cfg.flops.peak_flops)
-    mesh = parallel.make_mesh(cfg)
+    mesh = parallel.make_mesh(cfg, devices)
     run = build(cfg, mesh)
 
     os.makedirs(workdir, exist_ok=True)
@@ -413,7 +420,7 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None) -> d
             compile_s = time.perf_counter() - t0
             xla = flops_lib.xla_flops_per_step(cfg, mesh, lowered)
             ana = flops_lib.analytic_flops(cfg)
-            n_dev = jax.device_count()
+            n_dev = len(devices)
             tokens_per_step = t.batch_size * cfg.model.seq_len
             say(f"compiled train step in {compile_s:.1f} s; model FLOPs/step {ana['model_flops_per_step']:.3e} "
                 f"({ana['attention_convention']} attention), XLA {xla['xla_flops_per_step']:.3e}; "
