@@ -4,9 +4,9 @@
 
 Each architecture starts from its ``tiny`` config (2 layers, the families' own mixer settings;
 ``d_ff`` re-derived from ``d_model``) and trains 80 steps of 16 x 64 tokens on MQAR (Arora et al.
-2023): vocab 64, 8 key-value pairs, each queried once with Zoology's power-law gaps. Loss and
-accuracy count only the 8 answer positions per sequence; chance accuracy is 1/32, guessing among
-the context's values 1/8. Six points, about 10-30 s each on 2 CPU cores. At this budget the
+2023): vocab 64, 4 key-value pairs, each queried once with Zoology's power-law gaps. Loss and
+accuracy count only the 4 answer positions per sequence; chance accuracy is 1/32, guessing among
+the context's values 1/4. Six points, about 10-30 s each on 2 CPU cores. At this budget the
 models learn the task format (answers are values from the context) before recall itself;
 ``results.csv`` lists the validation accuracy of every point.
 """
@@ -15,7 +15,7 @@ BASE = "experiments/configs/transformer.py:tiny"
 
 OVERRIDES = {
     "data.source": "mqar",
-    "data.n_kv_pairs": 8,
+    "data.n_kv_pairs": 4,
     "model.vocab_size": 64,  # = data.task_vocab (None: the model's vocabulary)
     "model.seq_len": 64,
     "model.d_ff": None,  # re-derived from d_model (8/3 d, rounded up to 64)
