@@ -84,6 +84,7 @@ class Sweep:
 
     @property
     def swept(self) -> tuple:
+        """The dotted fields (and ``"config"``) whose values differ between the points."""
         return self.points[0].swept if self.points else ()
 
 
