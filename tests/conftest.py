@@ -111,3 +111,20 @@ def mixer_forward(cfg_model, seed: int = 0):
     module = build_mixer(cfg_model, seed)
     graphdef, state = nnx.split(module)
     return module, state, jax.jit(lambda st, x, seg: nnx.merge(graphdef, st)(x, segment_ids=seg))
+
+
+def run_fake_devices_child(code: str, n_devices: int = 8, timeout: int = 900) -> dict:
+    """Run ``code`` (a Python program) in a child process with ``n_devices`` fake CPU devices and
+    return the JSON it prints on its last line starting with ``RESULT`` (``print("RESULT" +
+    json.dumps(out))``). The device count must be set before JAX is imported, hence a child.
+    Fails the test with the child's stderr tail if it exits non-zero."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=str(REPO_ROOT), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])

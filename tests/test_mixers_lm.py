@@ -8,10 +8,6 @@ step agree with XLA's corrected count.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -24,7 +20,7 @@ from efficient_arch.config import finalize
 from efficient_arch.models import registry
 from efficient_arch.models.lm import new_model
 
-from conftest import REPO_ROOT, make_tiny_config, numpy_init_state
+from conftest import REPO_ROOT, make_tiny_config, numpy_init_state, run_fake_devices_child
 
 MIXERS = registry.mixer_names()
 # small chunk and window so chunked forms span several chunks and the window cuts the sequence
@@ -112,13 +108,7 @@ CHILD = textwrap.dedent("""
 def test_sharded_equals_single_device_for_every_mixer():
     """All registered mixers in one LM (layer_pattern = every mixer): 3 train steps on a 2x2x2
     mesh of 8 fake devices give the losses and gradient norms of 1 device."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    code = CHILD.format(tests=str(REPO_ROOT / "tests"))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=str(REPO_ROOT), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    out = json.loads(line[len("RESULT"):])
+    out = run_fake_devices_child(CHILD.format(tests=str(REPO_ROOT / "tests")))
     assert out["mixers"] == MIXERS
     single, sharded = np.asarray(out["1"]), np.asarray(out["2x2x2"])
     assert np.all(np.isfinite(single)) and single[-1, 0] < single[0, 0]

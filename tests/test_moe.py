@@ -3,11 +3,7 @@ parameter counts, layer interleaving, decoding, and mesh independence on 8 fake 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -22,7 +18,7 @@ from efficient_arch.models import moe
 from efficient_arch.models.layers import MLP
 from efficient_arch.models.lm import count_params, layer_kinds, new_model
 
-from conftest import REPO_ROOT, make_tiny_config, numpy_init_state
+from conftest import REPO_ROOT, make_tiny_config, numpy_init_state, run_fake_devices_child
 
 
 def _moe_cfg(**kw):
@@ -385,12 +381,7 @@ CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def eight_device_report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-c", CHILD.format(tests=str(REPO_ROOT / "tests"))], env=env,
-                          capture_output=True, text=True, cwd=str(REPO_ROOT), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return run_fake_devices_child(CHILD.format(tests=str(REPO_ROOT / "tests")))
 
 
 @pytest.mark.parametrize("dispatch, mesh", [("capacity", m) for m in ("e2", "e4", "e8", "e2t2")]

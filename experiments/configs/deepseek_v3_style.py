@@ -33,13 +33,11 @@ def get_config(arg: str | None = None):
       ValueError: unknown size, listing the known ones.
     """
     size = pick_size("deepseek_v3_style", SIZES, arg)
-    c = load_config(HERE / "transformer.py", size)
+    c = load_config(HERE / "moe.py", size)  # capacity dispatch, factor 1.25
     m = c.model
-    m.ffn = "moe"
     mo = m.moe
     mo.n_experts, mo.top_k, mo.n_shared_experts, mo.d_ff_expert = 32, 3, 1, m.d_ff // 4
     mo.router, mo.norm_top_k, mo.route_scale = "sigmoid", True, 2.5
     mo.bias_update_rate, mo.aux_loss_coef, mo.z_loss_coef = 1e-2, 1e-4, 0.0
     mo.first_k_dense = SIZES[size]
-    mo.dispatch, mo.capacity_factor = "capacity", 1.25
     return c

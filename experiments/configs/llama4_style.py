@@ -8,9 +8,9 @@ Maverick's interleave step 2), top-1 routing with a sigmoid gate on the chosen e
 normalized: a normalized top-1 weight would be constant 1), and one shared expert always active
 beside the routed one. What is scaled: 16 routed experts (Maverick: 128). Each expert has
 ``d_ff / 2`` units, so routed + shared = the dense MLP's width in the MoE layers, and the dense
-layers keep ``d_ff``: active parameters equal the transformer's. Balance loss 0.01, z-loss 1e-3,
-capacity dispatch factor 1.25 (Llama 4 is not documented as dropping tokens; on GPU/TPU use
-``--config.model.moe.dispatch=dropless``).
+layers keep ``d_ff``: active parameters equal the transformer's. Balance loss 0.01, z-loss 1e-3
+and capacity dispatch (factor 1.25) as ``moe.py`` (Llama 4 is not documented as dropping
+tokens; on GPU/TPU use ``--config.model.moe.dispatch=dropless``).
 """
 
 import pathlib
@@ -28,13 +28,9 @@ def get_config(arg: str | None = None):
       ValueError: unknown size, listing the known ones.
     """
     size = pick_size("llama4_style", dict.fromkeys(SIZES), arg)
-    c = load_config(HERE / "transformer.py", size)
-    m = c.model
-    m.ffn = "moe"
-    mo = m.moe
-    mo.n_experts, mo.top_k, mo.n_shared_experts, mo.d_ff_expert = 16, 1, 1, m.d_ff // 2
+    c = load_config(HERE / "moe.py", size)
+    mo = c.model.moe
+    mo.n_experts, mo.top_k, mo.n_shared_experts = 16, 1, 1
     mo.router, mo.norm_top_k = "sigmoid", False
     mo.moe_every = 2
-    mo.aux_loss_coef, mo.z_loss_coef = 0.01, 1e-3
-    mo.dispatch, mo.capacity_factor = "capacity", 1.25
     return c
