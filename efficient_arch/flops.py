@@ -44,6 +44,52 @@ def forward_flops_per_token(mcfg, seq_len: int | None = None, *, attention: str 
     return {"mixers": mixers, "ffn": ffn, "lm_head": head, "total": mixers + ffn + head}
 
 
+def _weight_matmul_flops_per_token(mcfg, mixer: str) -> float:
+    """``2 x`` the mixer's matrix parameters (>= 2-D, conv taps excluded): the FLOPs per token of
+    its weight matmuls, which are dots without batch dimensions (saved by remat ``dots``)."""
+    import jax
+    from flax import nnx
+
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: registry.get_mixer(mixer)(mcfg, rngs=nnx.Rngs(0)))
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))[0]
+    return 2.0 * sum(v.size for path, v in flat
+                     if len(v.shape) >= 2 and "conv" not in jax.tree_util.keystr(path))
+
+
+def remat_recompute_flops_per_token(mcfg, seq_len: int | None = None) -> float:
+    """Forward FLOPs per token that the backward pass executes again under ``model.remat``.
+
+    * ``none``: 0.
+    * ``full`` (``nothing_saveable`` around each layer group): one executed forward of the layer
+      stack, minus each group's *tail*: the last block's FFN output matmul (``w_down``; MoE: the
+      shared experts' ``w_down``), whose output the backward never needs, so XLA drops it.
+    * ``dots`` (``dots_with_no_batch_dims_saveable``): weight matmuls are saved, so what runs
+      again is every dot *with* batch dimensions: each mixer's executed FLOPs minus its weight
+      matmuls (attention scores and values, chunked-recurrence matmuls), and the MoE's routed
+      expert matmuls (batched over experts; ``ragged_dot`` is not a ``dot_general`` at all).
+
+    Per-mixer weight matmuls inside a per-head einsum (a batch dimension) are recomputed by XLA
+    but counted here as saved; the audit shows where that matters.
+    """
+    seq_len = seq_len or mcfg.seq_len
+    if mcfg.remat == "none":
+        return 0.0
+    kinds = layer_kinds(mcfg)
+    if mcfg.remat == "full":
+        fwd = forward_flops_per_token(mcfg, seq_len, executed=True)
+        glen = len(group_blocks(mcfg))
+        tails = sum(getattr(registry.get_ffn(ffn), "remat_tail_flops_per_token", lambda c: 0.0)(mcfg)
+                    for _, ffn in kinds[glen - 1::glen])
+        return fwd["mixers"] + fwd["ffn"] - tails
+    out = 0.0
+    for mixer, ffn in kinds:
+        out += (registry.get_mixer(mixer).flops_per_token(mcfg, seq_len, attention="full")
+                - _weight_matmul_flops_per_token(mcfg, mixer))
+        out += getattr(registry.get_ffn(ffn), "batched_dot_flops_per_token", lambda c, t: 0.0)(mcfg, seq_len)
+    return out
+
+
 def analytic_flops(cfg) -> dict[str, float | str]:
     """Training FLOPs per step (global, all devices) for a finalized config.
 
@@ -51,16 +97,16 @@ def analytic_flops(cfg) -> dict[str, float | str]:
       ``model_flops_per_step``: 3 x forward x tokens, attention by ``cfg.flops.attention``, MoE
       by active experts only; ``hardware_flops_per_step``: as executed (attention full square,
       MoE capacity slots / dense ragged dots, see ``MoE.flops_per_token``) plus remat recompute
-      (``full``: one extra forward of the layer stack; ``dots``: matmul outputs are saved, so no
-      extra matmul FLOPs); ``model_flops_per_token_fwd``; ``attention_convention``; and
-      ``model_flops_per_step_full`` (full-square convention) for comparison with XLA.
+      (:func:`remat_recompute_flops_per_token`); ``model_flops_per_token_fwd``;
+      ``attention_convention``; and ``model_flops_per_step_full`` (full-square convention) for
+      comparison with XLA.
     """
     m = cfg.model
     tokens = cfg.train.batch_size * m.seq_len
     fwd = forward_flops_per_token(m, attention=cfg.flops.attention)
     fwd_full = forward_flops_per_token(m, attention="full")
     fwd_exec = forward_flops_per_token(m, executed=True)
-    recompute = fwd_exec["mixers"] + fwd_exec["ffn"] if m.remat == "full" else 0.0
+    recompute = remat_recompute_flops_per_token(m)
     return {
         "model_flops_per_token_fwd": fwd["total"],
         "model_flops_per_step": 3.0 * fwd["total"] * tokens,

@@ -96,27 +96,34 @@ def test_analytic_hardware_flops_vs_xla(tiny_config):
     assert 1.0 <= vg_ratio <= 1.03, vg_ratio
 
 
-def test_remat_full_xla_recompute(tiny_config):
-    """remat='full': the scan correction still matches the unrolled program, and XLA's extra
-    FLOPs lie between analytic recompute minus each group's last matmul (w_down: its output is
-    not needed by the backward pass, so XLA drops it) and the analytic recompute itself.
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_xla_recompute_matches_analytic(tiny_config, remat):
+    """The scan correction still matches the unrolled program under remat, and XLA's extra FLOPs
+    (remat minus no remat) match the analytic recompute: ``full`` (within 2%) = one executed forward
+    of the layer stack minus each group's last matmul (w_down: its output is not needed by the
+    backward pass, so XLA drops it); ``dots`` = the batched dots only (attention scores and
+    values), weight matmuls being saved (XLA adds the recomputed elementwise work on top).
 
-    Measured: XLA remat - no-remat = 89.26M; analytic recompute (one forward of the layer stack)
-    113.25M; minus w_down (2 d d_ff per layer per token) 88.08M. So ``hardware_flops_per_step``
-    overstates executed remat recompute by ~2 d_ff d L per token.
+    Measured before the refinement: XLA full - none = 89.26M against an analytic recompute of one
+    whole forward, 113.25M (w_down of every layer, 25.2M, was over-counted); ``dots`` was counted
+    as 0 recompute while XLA recomputes the attention core.
     """
     cfg_none, mesh = finalized(tiny_config, **MATMUL_HEAVY)
-    cfg_full, _ = finalized(tiny_config, model__remat="full", **MATMUL_HEAVY)
-    cfg_full_u, _ = finalized(tiny_config, model__remat="full", model__scan_layers=False, **MATMUL_HEAVY)
+    cfg_r, _ = finalized(tiny_config, model__remat=remat, **MATMUL_HEAVY)
+    cfg_r_u, _ = finalized(tiny_config, model__remat=remat, model__scan_layers=False, **MATMUL_HEAVY)
     x_none = corrected(cfg_none, mesh)["xla_flops_per_step"]
-    x_full = corrected(cfg_full, mesh)["xla_flops_per_step"]
-    x_full_u = step_flops(cfg_full_u, mesh)
-    assert abs(x_full / x_full_u - 1) < 0.005
-    m = cfg_full.model
-    tokens = cfg_full.train.batch_size * m.seq_len
-    recompute = F.analytic_flops(cfg_full)["hardware_flops_per_step"] - F.analytic_flops(cfg_none)["hardware_flops_per_step"]
-    last_matmul = tokens * m.n_layers * 2 * m.d_ff * m.d_model
-    assert recompute - last_matmul <= x_full - x_none <= recompute, (x_full - x_none, recompute)
+    x_r = corrected(cfg_r, mesh)["xla_flops_per_step"]
+    assert abs(x_r / step_flops(cfg_r_u, mesh) - 1) < 0.005
+    recompute = F.analytic_flops(cfg_r)["hardware_flops_per_step"] - F.analytic_flops(cfg_none)["hardware_flops_per_step"]
+    assert recompute > 0
+    if remat == "full":
+        assert abs((x_r - x_none) / recompute - 1) < 0.02, (x_r - x_none, recompute)
+    else:  # the recomputed elementwise work (softmax, SiLU, norms) is large next to the small
+        # attention core at T=32 (measured 5.71M vs 4.19M): check the batched dots are all there
+        # and the whole step agrees with the hardware count
+        assert recompute <= x_r - x_none <= 1.5 * recompute, (x_r - x_none, recompute)
+    ratio = x_r / F.analytic_flops(cfg_r)["hardware_flops_per_step"]
+    assert 1.0 <= ratio <= 1.05, ratio
 
 
 # ----------------------------------------------------------------------------- analytic formula
@@ -186,7 +193,7 @@ def test_tied_and_untied_have_the_same_flops(tiny_config):
 
 
 @pytest.mark.parametrize("attention", ["causal", "full"])
-def test_remat_full_adds_one_forward_of_the_layer_stack(tiny_config, attention):
+def test_remat_recompute_terms(tiny_config, attention):
     base = dict(flops__attention=attention, **SMALL)
     none, _ = finalized(tiny_config, model__remat="none", **base)
     full, _ = finalized(tiny_config, model__remat="full", **base)
@@ -194,9 +201,12 @@ def test_remat_full_adds_one_forward_of_the_layer_stack(tiny_config, attention):
     a_n, a_f, a_d = F.analytic_flops(none), F.analytic_flops(full), F.analytic_flops(dots)
     m = none.model
     tokens = none.train.batch_size * m.seq_len
-    # one forward of the layer stack, attention as executed (full square), LM head excluded
-    layer_stack_fwd = m.n_layers * (2 * matmul_params_per_layer(m) + 4 * m.n_heads * m.head_dim * m.seq_len)
+    # one forward of the layer stack, attention as executed (full square), LM head excluded,
+    # minus each group's (here: layer's) w_down, whose output the backward does not need
+    attn_core = 4 * m.n_heads * m.head_dim * m.seq_len
+    layer_stack_fwd = m.n_layers * (2 * matmul_params_per_layer(m) + attn_core - 2 * m.d_model * m.d_ff)
     assert a_f["hardware_flops_per_step"] - a_n["hardware_flops_per_step"] == tokens * layer_stack_fwd
-    # recomputation is not useful work: model FLOPs (MFU) unchanged; dots saves matmul outputs
+    # recomputation is not useful work: model FLOPs (MFU) unchanged; dots saves weight-matmul
+    # outputs and recomputes only the batched attention dots
     assert a_f["model_flops_per_step"] == a_n["model_flops_per_step"] == a_d["model_flops_per_step"]
-    assert a_d["hardware_flops_per_step"] == a_n["hardware_flops_per_step"]
+    assert a_d["hardware_flops_per_step"] - a_n["hardware_flops_per_step"] == tokens * m.n_layers * attn_core

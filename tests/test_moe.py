@@ -252,17 +252,20 @@ def test_flops_change_with_n_experts_only_by_router():
     assert fl[16] - fl[4] == L * 2 * d * 12
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_analytic_flops_match_xla(dispatch):
+@pytest.mark.parametrize("dispatch, remat", [("capacity", "none"), ("dropless", "none"), ("capacity", "dots"),
+                                            ("capacity", "full")])
+def test_analytic_flops_match_xla(dispatch, remat):
     """Whole train step: XLA (optimizer update excluded: AdamW's ~10 FLOPs per *total* parameter
     are not model FLOPs and are large next to 2k tokens/step with 8 experts) over the analytic
     hardware FLOPs in [1, 1.05]. Dispatch scatter / gather are counted as 0 FLOPs analytically;
-    XLA counts the scatter's element updates (a few per token x d_model), inside the margin."""
+    XLA counts the scatter's element updates (a few per token x d_model), inside the margin.
+    Under remat the routed experts (dots batched over experts) are recomputed with ``dots``, and
+    everything but the shared experts' w_down with ``full``."""
     cfg = finalize(_moe_cfg(model__d_model=128, model__n_heads=4, model__d_ff=256, model__seq_len=64,
                             model__moe__n_experts=8, model__moe__d_ff_expert=128,
                             model__moe__n_shared_experts=1, model__moe__moe_every=2, model__n_layers=4,
                             model__moe__first_k_dense=2, model__moe__dispatch=dispatch,
-                            model__vocab_size=512), 1)
+                            model__vocab_size=512, model__remat=remat), 1)
     mesh = parallel.make_mesh(cfg, devices=jax.devices()[:1])
     x = flops.xla_flops_per_step(cfg, mesh)
     ana = flops.analytic_flops(cfg)["hardware_flops_per_step"]

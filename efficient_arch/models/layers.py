@@ -142,3 +142,9 @@ class MLP(nnx.Module):
         model FLOPs."""
         del seq_len, attention, executed
         return 6.0 * cfg.d_model * cfg.d_ff
+
+    @staticmethod
+    def remat_tail_flops_per_token(cfg) -> float:
+        """FLOPs of the output matmul (``w_down``, ``2 d d_ff``): under full remat the backward
+        never needs its output, so a group ending in this MLP does not recompute it."""
+        return 2.0 * cfg.d_model * cfg.d_ff

@@ -261,6 +261,20 @@ class MoE(nnx.Module):
         return 2.0 * cfg.d_model * mo.n_experts + (routed + mo.n_shared_experts) * per_expert
 
     @staticmethod
+    def remat_tail_flops_per_token(cfg) -> float:
+        """Under full remat the shared experts' ``w_down`` output is not needed by the backward
+        (``2 d n_shared d_ff_expert``); the routed experts' outputs are (combine weights' grad)."""
+        return 2.0 * cfg.d_model * cfg.moe.n_shared_experts * cfg.moe.d_ff_expert
+
+    @staticmethod
+    def batched_dot_flops_per_token(cfg, seq_len: int) -> float:
+        """Executed routed-expert FLOPs: dots batched over experts (or ``ragged_dot``), which
+        remat ``dots`` does not save."""
+        mo = cfg.moe
+        shared_and_router = 2.0 * cfg.d_model * mo.n_experts + mo.n_shared_experts * 6.0 * cfg.d_model * mo.d_ff_expert
+        return MoE.flops_per_token(cfg, seq_len, executed=True) - shared_and_router
+
+    @staticmethod
     def n_inactive_params(cfg) -> int:
         """Parameters of one MoE layer a token does not use: ``(E - k) * 3 d d_ff_expert``."""
         mo = cfg.moe
