@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["Checkpointer", "committed_steps", "read_config", "CHECKPOINT_SUBDIR"]
+__all__ = ["Checkpointer", "committed_steps", "uncommitted_steps", "read_config", "CHECKPOINT_SUBDIR"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _ITEMS = ("state", "data", "config")
@@ -72,6 +72,28 @@ def committed_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
         if p.name.isdigit() and p.is_dir() and _is_finalized(p):
             steps.append(int(p.name))
     return sorted(steps)
+
+
+def uncommitted_steps(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """Names of step folders under ``checkpoint_dir`` that were never committed, sorted.
+
+    These are what a save cut short leaves (``kill -9`` or a crash during an asynchronous save):
+    orbax's ``<step>.orbax-checkpoint-tmp[-<ts>]`` folders, or an integer-named folder orbax does
+    not deem finalized. They are never restored; orbax removes the tmp folders when the next
+    ``Checkpointer`` opens the directory.
+
+    Returns:
+      Folder names (not paths); [] if the folder does not exist.
+    """
+    directory = epath.Path(checkpoint_dir)
+    if not directory.exists():
+        return []
+    out = []
+    for p in directory.iterdir():
+        step_like = p.name.split(".")[0].isdigit()
+        if step_like and p.is_dir() and not (p.name.isdigit() and _is_finalized(p)):
+            out.append(p.name)
+    return sorted(out, key=lambda n: (int(n.split(".")[0]), n))
 
 
 def _to_abstract(leaf: Any) -> Any:

@@ -43,6 +43,38 @@ class MetricsWriter:
         except ImportError:  # TensorBoard output is optional; metrics.jsonl is always written
             self._tb = None
 
+    def rewind(self, step: int) -> int:
+        """Move the rows of steps after ``step`` out of ``metrics.jsonl`` (a resume from the
+        checkpoint of ``step`` recomputes them; they were logged by a run killed before its next
+        checkpoint committed). They are appended to ``metrics.abandoned.jsonl``, never dropped.
+
+        Returns:
+          The number of rows moved (0 on processes other than 0).
+        """
+        if not self.enabled:
+            return 0
+        path = self._jsonl.name
+        self._jsonl.close()
+        keep, moved = [], []
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    late = int(json.loads(line).get("step", 0)) > step
+                except (ValueError, AttributeError):  # a torn last line of a killed run
+                    late = True
+                (moved if late else keep).append(line if line.endswith("\n") else line + "\n")
+        if moved:
+            with open(os.path.join(os.path.dirname(path), "metrics.abandoned.jsonl"), "a") as f:
+                f.writelines(moved)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a", buffering=1)
+        return len(moved)
+
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Record ``metrics`` (name -> scalar) for ``step``; None values are skipped in TensorBoard."""
         if not self.enabled:

@@ -365,7 +365,7 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
 
     from efficient_arch import flops as flops_lib
     from efficient_arch import hardware
-    from efficient_arch.checkpoint import Checkpointer, read_config
+    from efficient_arch.checkpoint import Checkpointer, read_config, uncommitted_steps
     from efficient_arch.config import ConfigError, finalize
     from efficient_arch.data import make_eval_batches, make_train_iterator, load_source
     from efficient_arch.metrics import MetricsWriter
@@ -401,6 +401,7 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     run = build(cfg, mesh)
 
     os.makedirs(workdir, exist_ok=True)
+    stale = uncommitted_steps(os.path.join(workdir, "checkpoints"))  # orbax removes them on open
     ckpt = Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every)
     stop = _StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -408,12 +409,21 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     try:
         with jax.set_mesh(mesh):
             latest = ckpt.latest_step()
+            if stale:
+                say(f"ignoring never-committed checkpoint folder(s) {', '.join(stale)} in "
+                    f"{os.path.join(workdir, 'checkpoints')} (a save cut short, e.g. by kill -9); "
+                    + (f"resuming from the last committed step {latest}" if latest is not None
+                       else "no committed checkpoint: starting from step 0"))
             if latest is not None:
                 state, data_state, _ = ckpt.restore(latest, run.abstract_state)
                 _restore_data(it, data_state, info)
                 say(f"resumed from step {latest} in {workdir}")
             else:
                 state = run.init_state()
+            moved = writer.rewind(latest if latest is not None else -1)
+            if moved:
+                say(f"moved {moved} metrics row(s) logged after step {latest if latest is not None else 0} "
+                    "(recomputed now) to metrics.abandoned.jsonl")
             t0 = time.perf_counter()
             lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
             compiled = lowered.compile()

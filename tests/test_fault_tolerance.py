@@ -107,9 +107,25 @@ print("REPORT" + json.dumps(report))
 
 
 @pytest.fixture(scope="module")
-def topology(tmp_path_factory):
+def corpus(tmp_path_factory) -> pathlib.Path:
+    return write_corpus(tmp_path_factory.mktemp("ft_corpus") / "corpus")
+
+
+def tiny_run_config(corpus: pathlib.Path, **overrides):
+    """The tiny model of conftest on ``corpus``: 8 steps of 4 x 16 tokens, log every step,
+    checkpoint every 2 (programs shared with the other run_training tests via the JAX cache)."""
+    from conftest import make_tiny_config
+
+    base = dict(data__source="text", data__path=str(corpus), data__cache_dir=str(corpus.parent / "cache"),
+                data__val_fraction=0.2, flops__peak_flops=1e12, train__steps=8, train__ckpt_every=2,
+                train__log_every=1, train__eval_every=1000, train__batch_size=4, train__keep_ckpts=5)
+    base.update(overrides)
+    return make_tiny_config(**base)
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("topology")
-    corpus = write_corpus(root / "corpus")
     proc = subprocess.run([sys.executable, "-c", TOPOLOGY_CHILD, str(root), str(corpus)], env=child_env(8),
                           capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -151,3 +167,87 @@ def test_training_continues_on_other_meshes(topology):
             assert got[step]["lr"] == ref[step]["lr"]
         assert topology["summary"][name]["steps"] == 6
     assert ref[6]["loss"] < ref[1]["loss"]
+
+
+# ----------------------------------------------------------------------------- kill -9 mid-save
+
+# Child: the tiny run (checkpoint every 2 steps) with orbax's final rename of step 4 held back:
+# the step-4 save writes everything into 4.orbax-checkpoint-tmp, prints HANG and never commits,
+# so the parent can SIGKILL the process deterministically in the middle of an asynchronous save.
+KILL_CHILD = r"""
+import asyncio, sys
+import jax
+import os
+cache = os.environ.get("EFFICIENT_ARCH_TEST_JAX_CACHE")
+if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from orbax.checkpoint._src.path import atomicity
+real = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self, *a, **k):
+    if self.get_final().name == "4":
+        print("HANG", self.get(), flush=True)
+        await asyncio.sleep(3600)
+    return await real(self, *a, **k)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+import test_fault_tolerance as ft
+from efficient_arch import train
+import pathlib
+train.run_training(ft.tiny_run_config(pathlib.Path(sys.argv[2])), sys.argv[1], progress=False)
+"""
+
+
+def test_kill_9_during_async_save(corpus, tmp_path, capsys):
+    """SIGKILL while the step-4 save is in flight: step 4 is never chosen, the run resumes from
+    step 2, recomputes steps 3-8 bit for bit, and the later saves (4, 6, 8) all commit."""
+    import signal
+    import threading
+
+    from efficient_arch import train
+    from efficient_arch.checkpoint import Checkpointer, committed_steps, uncommitted_steps
+
+    work = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(work), str(corpus)], env=child_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT)
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("HANG"):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+    ckdir = work / "checkpoints"
+    assert committed_steps(ckdir) == [2]
+    assert uncommitted_steps(ckdir) == ["4.orbax-checkpoint-tmp"]
+    assert (ckdir / "4.orbax-checkpoint-tmp" / "state").is_dir()  # the data was written, not committed
+    import shutil
+
+    shutil.copytree(work, tmp_path / "copy")  # opening a Checkpointer lets orbax clear tmp folders
+    with Checkpointer(tmp_path / "copy", keep=5, save_every=2) as ck:
+        assert ck.latest_step() == 2
+    killed = read_losses(work)
+    assert {3, 4} <= set(killed) and max(killed) <= 6  # logged past the last committed step
+
+    capsys.readouterr()
+    summary = train.run_training(tiny_run_config(corpus), str(work), progress=False)
+    out = capsys.readouterr().out
+    assert "ignoring never-committed checkpoint folder(s) 4.orbax-checkpoint-tmp" in out
+    assert "resuming from the last committed step 2" in out and "resumed from step 2" in out
+    assert summary["steps"] == 8
+    assert committed_steps(ckdir) == [2, 4, 6, 8] and uncommitted_steps(ckdir) == []
+    rows = read_losses(work)
+    assert sorted(rows) == list(range(1, 9))  # one row per step: the killed run's extra rows moved
+    abandoned = [json.loads(x) for x in (work / "metrics.abandoned.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in abandoned) == sorted(s for s in killed if s > 2)
+    for r in abandoned:  # the recomputed steps equal what the killed run logged, bit for bit
+        assert (r["loss"], r["grad_norm"], r["lr"]) == tuple(rows[r["step"]][k] for k in ("loss", "grad_norm", "lr"))
