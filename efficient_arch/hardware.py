@@ -537,6 +537,25 @@ def _measure(dtype: str, budget_s: float = 1.5) -> dict[str, Any]:
     }
 
 
+def measure_cpu_matmul_peak(dtype: str = "float32", budget_s: float = 1.5) -> dict[str, Any]:
+    """Measure the CPU matmul peak in *this* process, without the cache (benchmarks that compare
+    a step with the same-process peak).
+
+    Args:
+      dtype: "float32" or "bfloat16" (bfloat16 inputs, float32 accumulation).
+      budget_s: seconds to spend on repeats (best of all timed calls is kept).
+    Returns:
+      dict with ``flops_per_s`` (FLOP/s of the CPU device), ``n`` (square matmul size),
+      ``best_matmul_s`` and ``calibration_s`` (seconds).
+    Raises:
+      ValueError: dtype other than float32 / bfloat16.
+    """
+    dtype = canonical_dtype(dtype)
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"CPU calibration supports float32 and bfloat16, got {dtype!r}")
+    return _measure(dtype, budget_s)
+
+
 def _read_cache(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:

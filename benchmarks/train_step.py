@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Train-step benchmark at the performance issue's reference config (transformer.py:bench).
+
+Reference config: d_model 512, 8 layers, 8 heads x 64 (n_kv_heads 8), SwiGLU d_ff 2048, vocab
+8192 (untied head), seq_len 512, global batch 8 (4,096 tokens/step), float32 params, AdamW, one
+CPU device.
+
+Each row runs in its own child process (so peak RSS is the row's own) which, in order:
+1. measures the float32 and bfloat16 (bf16 inputs, f32 accumulation) matmul peaks in that process
+   (``hardware.measure_cpu_matmul_peak``, no cache);
+2. builds the train step, lowers + compiles it (compile time), and takes the compiled memory
+   analysis (temporaries per device);
+3. runs ``--warmup`` steps, then times ``--runs`` steps (median), on a fixed random batch.
+
+Rows: scan vs unrolled layers, remat none vs dots, float32 vs bfloat16 compute. MFU = analytic
+model FLOPs per step (causal attention) / step time / the same process's peak *for the row's
+compute dtype*; ``MFU f32`` divides by the float32 peak for every row (the bf16 rows' speed-up is
+then visible on one scale).
+
+``--loss-check STEPS`` additionally trains ``transformer.py:small`` on the default corpus for STEPS
+steps in float32 and in bfloat16 compute (same seed and data) and reports both final losses (the
+issue's "bf16 loss within 1% of float32" target, at a size a 2-core CPU can train in minutes).
+
+Usage::
+
+    python benchmarks/train_step.py [--rows all|scan,unrolled,...] [--runs 5] [--quick]
+                                    [--loss-check 200]
+
+Runs unchanged on GPU/TPU (the peaks then come from the registry, ``hardware.peak_flops_per_device``).
+Writes ``benchmarks/results/train_step_<date>[_quick].json`` and prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
+ROWS = {  # name: model overrides
+    "scan": {},
+    "unrolled": {"scan_layers": False},
+    "scan+dots": {"remat": "dots"},
+    "scan+bf16": {"dtype": "bfloat16"},
+    "unrolled+bf16": {"scan_layers": False, "dtype": "bfloat16"},
+    "scan+dots+bf16": {"remat": "dots", "dtype": "bfloat16"},
+}
+
+
+def peaks() -> dict:
+    """Peak FLOP/s per device for float32 and bfloat16: measured in-process on CPU, else the table."""
+    import jax
+
+    from efficient_arch import hardware
+
+    out = {}
+    for dt in ("float32", "bfloat16"):
+        if jax.default_backend() == "cpu":
+            out[dt] = hardware.measure_cpu_matmul_peak(dt)["flops_per_s"]
+        else:
+            out[dt] = hardware.peak_flops_per_device(dt)[0]
+    return out
+
+
+def run_row(name: str, size: str, warmup: int, runs: int) -> dict:
+    """Time one row in this process; returns its JSON record."""
+    import jax
+    import numpy as np
+
+    from efficient_arch import flops, hardware, parallel, train
+    from efficient_arch.config import finalize, load_config
+
+    peak = peaks()
+    c = load_config(REPO / "experiments/configs/transformer.py", size)
+    c.unlock()
+    for k, v in ROWS[name].items():
+        c.model[k] = v
+    c.lock()
+    cfg = finalize(c, 1)
+    mesh = parallel.make_mesh(cfg, devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.seq_len + 1)).astype(np.int32)
+    with jax.set_mesh(mesh):
+        run = train.build(cfg, mesh)
+        t0 = time.perf_counter()
+        compiled = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
+        compile_s = time.perf_counter() - t0
+        state = run.init_state()
+        batch = parallel.global_batch({"inputs": x[:, :-1], "targets": x[:, 1:]}, mesh, cfg.train.batch_size)
+        for _ in range(warmup):
+            state, m = compiled(state, batch)
+            jax.block_until_ready(m)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            state, m = compiled(state, batch)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    ana = flops.analytic_flops(cfg)
+    tokens = cfg.train.batch_size * cfg.model.seq_len
+    mem = hardware.memory_analysis_bytes(compiled)
+    return {
+        "row": name, "config": f"transformer.py:{size}", "overrides": ROWS[name], "dtype": cfg.model.dtype,
+        "tokens_per_step": tokens, "step_time_s": step, "step_times_s": times, "tokens_per_s": tokens / step,
+        "model_flops_per_step": ana["model_flops_per_step"], "hardware_flops_per_step": ana["hardware_flops_per_step"],
+        "peak_flops_per_s": peak, "mfu": ana["model_flops_per_step"] / step / peak[cfg.model.dtype],
+        "mfu_vs_f32_peak": ana["model_flops_per_step"] / step / peak["float32"],
+        "compile_s": compile_s, "temp_bytes": mem.get("temp_bytes"), "compiled_total_bytes": mem.get("total_bytes"),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "final_loss": float(m["loss"]), "backend": jax.default_backend(),
+    }
+
+
+def loss_check(steps: int) -> dict:
+    """Final train/val loss of transformer.py:small after ``steps`` steps, float32 vs bfloat16."""
+    import tempfile
+
+    from efficient_arch.config import load_config
+    from efficient_arch.train import run_training
+
+    out = {}
+    for dt in ("float32", "bfloat16"):
+        c = load_config(REPO / "experiments/configs/transformer.py", "small")
+        c.unlock()
+        c.model.dtype = dt
+        c.train.steps = steps
+        c.train.eval_every = steps
+        c.train.ckpt_every = steps
+        c.lock()
+        with tempfile.TemporaryDirectory() as wd:
+            s = run_training(c, wd, progress=False)
+        out[dt] = {"final_train_loss": s["final_train_loss"], "final_val_loss": s["final_val_loss"],
+                   "step_time_s": s["step_time_s"], "mfu": s["mfu"]}
+    out["val_loss_rel_diff"] = out["bfloat16"]["final_val_loss"] / out["float32"]["final_val_loss"] - 1
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| row | step s | tokens/s | model GFLOP/step | MFU % (own dtype peak) | MFU % vs f32 peak | "
+            "compile s | temp MiB | peak RSS MiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | error: {r['error'][:80]} |" + " |" * 7)
+            continue
+        lines.append(f"| {r['row']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['model_flops_per_step'] / 1e9:.1f} | {100 * r['mfu']:.1f} | {100 * r['mfu_vs_f32_peak']:.1f} | "
+                     f"{r['compile_s']:.1f} | {(r['temp_bytes'] or 0) / 2**20:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="all")
+    ap.add_argument("--size", default="bench")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="tiny size, 2 runs: a smoke test")
+    ap.add_argument("--loss-check", type=int, default=0, metavar="STEPS")
+    ap.add_argument("--no-malloc-tunables", action="store_true",
+                    help="children without the glibc malloc settings `make train` uses")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.runs, args.warmup = "tiny", 2, 1
+    if args.child:
+        print("RESULT" + json.dumps(run_row(args.child, args.size, args.warmup, args.runs)))
+        return 0
+    names = list(ROWS) if args.rows == "all" else args.rows.split(",")
+    env = dict(os.environ)
+    if not args.no_malloc_tunables:
+        env["GLIBC_TUNABLES"] = TUNABLES
+    rows = []
+    for name in names:
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--size", args.size, "--runs",
+                               str(args.runs), "--warmup", str(args.warmup)], env=env, capture_output=True,
+                              text=True, cwd=REPO)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+        if proc.returncode or not lines:
+            rows.append({"row": name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
+        else:
+            rows.append(json.loads(lines[-1][len("RESULT"):]))
+        print(f"  {name}: {rows[-1].get('step_time_s', rows[-1].get('error'))}", file=sys.stderr, flush=True)
+    payload = {"date": datetime.date.today().isoformat(), "size": args.size, "runs": args.runs,
+               "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "load_avg_end": os.getloadavg(), "rows": rows}
+    if args.loss_check:
+        payload["loss_check"] = loss_check(args.loss_check)
+    out = ROOT / "results" / f"train_step_{payload['date']}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
+    print(table(rows))
+    if args.loss_check:
+        lc = payload["loss_check"]
+        print(f"\nloss check ({args.loss_check} steps, transformer.py:small): val loss float32 "
+              f"{lc['float32']['final_val_loss']:.4f}, bfloat16 {lc['bfloat16']['final_val_loss']:.4f} "
+              f"({100 * lc['val_loss_rel_diff']:+.2f}%)")
+    print(f"\nwrote {out.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
