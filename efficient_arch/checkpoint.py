@@ -26,10 +26,43 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["Checkpointer", "committed_steps", "uncommitted_steps", "read_config", "CHECKPOINT_SUBDIR"]
+__all__ = ["Checkpointer", "CorruptCheckpointError", "committed_steps", "uncommitted_steps", "read_config",
+           "CHECKPOINT_SUBDIR"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _ITEMS = ("state", "data", "config")
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A committed checkpoint folder cannot be read (corrupt, truncated or missing items).
+
+    The message names the step folder, the underlying error and the fix (move the folder aside
+    to resume from the previous committed step). The folder is never deleted or moved by this
+    code, and no earlier step is restored silently.
+
+    Attributes:
+      path: the step folder (str); step: its step (int); earlier: committed steps before it.
+    """
+
+    def __init__(self, path: str, step: int, earlier: list[int], cause: BaseException):
+        self.path, self.step, self.earlier = str(path), int(step), list(earlier)
+        root, seen = cause, set()  # the innermost error says what is wrong (orbax wraps tensorstore's)
+        while root.__cause__ is not None and id(root) not in seen:
+            seen.add(id(root))
+            root = root.__cause__
+        text = (str(root).strip().splitlines() or [""])[0]
+        why = f"{type(root).__name__}: {text[:400]}"
+        aside = f"mv {self.path} {self.path}.corrupt"
+        if self.earlier:
+            fix = (f"to resume from the previous committed step {self.earlier[-1]}, move the folder aside "
+                   f"({aside}; a non-integer name is ignored, and it is kept for inspection)")
+        else:
+            fix = (f"there is no earlier committed checkpoint: move the folder aside ({aside}) to start "
+                   "from step 0, or use a new --workdir")
+        super().__init__(
+            f"checkpoint {self.path} (step {self.step}) is corrupt or truncated and cannot be read ({why}). "
+            f"Nothing was deleted, and no earlier step is restored automatically; {fix}, or put back an "
+            "intact copy of that folder.")
 
 
 def _ckpt_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -282,15 +315,21 @@ class Checkpointer:
             )
         abstract_state = _check_abstract(abstract_state)
         self._manager.reload()  # pick up steps committed by other processes
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored["state"], dict(restored["data"] or {}), dict(restored["config"] or {})
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    config=ocp.args.JsonRestore(),
+                ),
+            )
+            if not isinstance(restored["data"], Mapping) or not isinstance(restored["config"], Mapping):
+                raise ValueError("the data or config item is not a JSON object")
+        except Exception as e:  # noqa: BLE001 - orbax / tensorstore / json raise many types
+            raise CorruptCheckpointError(self.directory / str(step), step,
+                                         [s for s in steps if s < step], e) from e
+        return restored["state"], dict(restored["data"]), dict(restored["config"])
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
@@ -320,6 +359,9 @@ def read_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
 
     Returns:
       The config dict, or None when there is no committed checkpoint.
+
+    Raises:
+      CorruptCheckpointError: the latest step's config item is missing or not valid JSON.
     """
     directory = _ckpt_dir(workdir)
     steps = committed_steps(directory)
@@ -329,6 +371,10 @@ def read_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
     reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
     try:
         config = reader.restore(directory / str(steps[-1]) / "config", args=ocp.args.JsonRestore())
-        return dict(config or {})
+        if not isinstance(config, Mapping):
+            raise ValueError("the config item is not a JSON object")
+        return dict(config)
+    except Exception as e:  # noqa: BLE001
+        raise CorruptCheckpointError(directory / str(steps[-1]), steps[-1], steps[:-1], e) from e
     finally:
         reader.close()

@@ -314,12 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"efficient-arch: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    from efficient_arch.checkpoint import CorruptCheckpointError
     from efficient_arch.config import ConfigError
 
     try:
         return COMMANDS[cmd](rest)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except CorruptCheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"training stopped: {e}", file=sys.stderr)

@@ -358,6 +358,9 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
       ConfigError: invalid config (before anything compiles).
       ValueError: incompatible checkpoint config; bad data.
       FloatingPointError: non-finite loss (the last good checkpoint is kept).
+      CorruptCheckpointError: the latest committed checkpoint cannot be read; the message names
+        its folder and the fix (move it aside to resume from the previous step). Nothing is
+        deleted and no earlier step is restored without being asked.
     """
     import signal
     import statistics

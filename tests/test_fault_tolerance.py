@@ -251,3 +251,94 @@ def test_kill_9_during_async_save(corpus, tmp_path, capsys):
     assert sorted(r["step"] for r in abandoned) == sorted(s for s in killed if s > 2)
     for r in abandoned:  # the recomputed steps equal what the killed run logged, bit for bit
         assert (r["loss"], r["grad_norm"], r["lr"]) == tuple(rows[r["step"]][k] for k in ("loss", "grad_norm", "lr"))
+
+
+# ----------------------------------------------------------------------------- corrupt checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus, tmp_path_factory) -> pathlib.Path:
+    """A finished tiny run (8 steps, checkpoints 2, 4, 6, 8); tests copy it before changing it."""
+    from efficient_arch import train
+
+    work = tmp_path_factory.mktemp("finished") / "run"
+    train.run_training(tiny_run_config(corpus), str(work), progress=False)
+    return work
+
+
+def listing(d: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_truncated_checkpoint_is_reported_kept_and_skippable(finished_run, corpus, tmp_path, capsys):
+    """A committed step whose array data was truncated: the run stops with an error naming the
+    folder, the earlier step and the mv command; nothing is deleted; after moving the folder
+    aside as told the run resumes from step 6 and recomputes steps 7-8 bit for bit."""
+    import shutil
+
+    from efficient_arch import cli, train
+    from efficient_arch.checkpoint import CorruptCheckpointError, committed_steps
+
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    step8 = work / "checkpoints" / "8"
+    data = max((step8 / "state").rglob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
+    with open(data, "r+b") as f:
+        f.truncate(1000)
+    before = listing(step8)
+    cfg = tiny_run_config(corpus, train__steps=10)
+    with pytest.raises(CorruptCheckpointError) as exc:
+        train.run_training(cfg, str(work), progress=False)
+    msg = str(exc.value)
+    assert f"checkpoint {step8} (step 8) is corrupt or truncated" in msg
+    assert "OUT_OF_RANGE" in msg  # tensorstore's reason, not its wrapper
+    assert f"mv {step8} {step8}.corrupt" in msg and "previous committed step 6" in msg
+    assert "Nothing was deleted" in msg
+    assert listing(step8) == before and committed_steps(work / "checkpoints") == [2, 4, 6, 8]
+
+    # the CLI prints the same message as one line, exit status 2
+    argv = ["train", "--config=experiments/configs/transformer.py:tiny", f"--workdir={work}", "--noprogress",
+            "--config.data.source=text", f"--config.data.path={corpus}", "--config.flops.peak_flops=1e12"]
+    for k, v in (("d_model", 64), ("n_layers", 2), ("n_heads", 4), ("n_kv_heads", 4), ("d_ff", 128),
+                 ("seq_len", 16)):
+        argv.append(f"--config.model.{k}={v}")
+    capsys.readouterr()
+    assert cli.main(argv + ["--config.train.batch_size=4", "--config.train.steps=10", "--config.train.warmup_steps=2",
+                            "--config.data.val_fraction=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"checkpoint error: checkpoint {step8} (step 8) is corrupt") and "Traceback" not in err
+    assert listing(step8) == before
+
+    shutil.move(step8, work / "checkpoints" / "8.corrupt")  # the fix the message names
+    train.run_training(tiny_run_config(corpus), str(work), progress=False)
+    assert "resumed from step 6" in capsys.readouterr().out
+    assert committed_steps(work / "checkpoints") == [2, 4, 6, 8]
+    assert listing(work / "checkpoints" / "8.corrupt") == before  # kept, never garbage-collected
+    ref, got = read_losses(finished_run), read_losses(work)
+    assert sorted(got) == list(range(1, 9))
+    for step in (7, 8):
+        assert got[step]["loss"] == ref[step]["loss"] and got[step]["grad_norm"] == ref[step]["grad_norm"]
+
+
+@pytest.mark.parametrize("damage", ["config_garbage", "empty_folder"])
+def test_unreadable_latest_config_is_reported(finished_run, corpus, tmp_path, damage):
+    """The config item of the latest step is not JSON, or the step folder is empty: the error
+    names the folder before anything is built, and the folder is left as it was."""
+    import shutil
+
+    from efficient_arch import train
+    from efficient_arch.checkpoint import CorruptCheckpointError
+
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    step8 = work / "checkpoints" / "8"
+    if damage == "config_garbage":
+        (step8 / "config" / "metadata").write_text("{garbage")
+    else:
+        shutil.rmtree(step8)
+        step8.mkdir()
+    before = listing(step8)
+    with pytest.raises(CorruptCheckpointError, match=r"\(step 8\) is corrupt or truncated") as exc:
+        train.run_training(tiny_run_config(corpus, train__steps=10), str(work), progress=False)
+    assert "previous committed step 6" in str(exc.value)
+    assert step8.is_dir() and listing(step8) == before
