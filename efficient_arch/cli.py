@@ -23,6 +23,8 @@ USAGE = """usage: efficient-arch COMMAND [flags]
 
 commands:
   train   train a model: --config=FILE[:SIZE] [--config.a.b=v ...] --workdir=DIR [--noprogress]
+          [--overwrite]  (resumes DIR's latest checkpoint; a DIR holding a different experiment is
+          refused unless --overwrite, which moves it aside to DIR.old-<timestamp>)
   flops   compile the train step without training and print analytic vs XLA FLOPs:
           --config=FILE[:SIZE] [--config.a.b=v ...] [--json=PATH]
   roofline  FLOPs, bytes, arithmetic intensity and utilization ceiling of the train step and
@@ -91,6 +93,8 @@ def parse_args(cmd: str, argv: list[str]):
     if cmd == "train":
         flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, summary)", flag_values=fv)
         flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
+        flags.DEFINE_bool("overwrite", False, "move an existing --workdir aside to "
+                          "<workdir>.old-<timestamp> (never deleted) and start fresh", flag_values=fv)
     if cmd == "flops":
         flags.DEFINE_string("json", None, "write the table as JSON to this path", flag_values=fv)
     if cmd == "roofline":
@@ -173,7 +177,7 @@ def cmd_train(argv: list[str]) -> int:
 
     from efficient_arch.train import run_training
 
-    s = run_training(fv.config, fv.workdir, progress=fv.progress, console=Console())
+    s = run_training(fv.config, fv.workdir, progress=fv.progress, console=Console(), overwrite=fv.overwrite)
     keys = ["n_params", "n_params_non_embedding", "tokens_per_step", "step_time_s", "tokens_per_s",
             "model_flops_per_step", "attention_flops_convention", "xla_flops_per_step",
             "xla_vs_analytic_hardware", "peak_flops_per_s", "peak_flops_source", "mfu", "hfu", "device_kind",

@@ -255,25 +255,75 @@ class _StopFlag:
         self.signum = signum
 
 
-def _check_compatible(saved: dict | None, cfg) -> None:
-    """Refuse to resume when the checkpoint's model config differs from the current one.
+# Config fields that may change between runs of one workdir: they leave the training trajectory
+# unchanged (execution: remat, layer scan, compute dtype, gradient accumulation, mesh; loop cadence;
+# accounting; where the data and its cache live -- the data's content is checked by fingerprint)
+# or extend it (train.steps). The NaN policy only acts on a step that would otherwise stop the run.
+RESUMABLE_CHANGES = (
+    "model.remat", "model.scan_layers", "model.dtype",
+    "train.steps", "train.grad_accum", "train.log_every", "train.eval_every", "train.ckpt_every",
+    "train.keep_ckpts", "train.nan_policy", "train.max_skipped_steps",
+    "data.path", "data.cache_dir", "mesh.*", "flops.*",
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _resumable(field: str) -> bool:
+    return any(field == r or (r.endswith(".*") and field.startswith(r[:-1])) for r in RESUMABLE_CHANGES)
+
+
+def config_diff(saved: dict, cfg) -> list[tuple[str, Any, Any]]:
+    """Fields whose change makes ``cfg`` a different experiment from the ``saved`` config.
+
+    Args:
+      saved: a finalized config as stored with a checkpoint (JSON dict).
+      cfg: the finalized config of this run (ConfigDict).
+    Returns:
+      ``[(dotted field, saved value, current value), ...]`` sorted by field, ignoring
+      :data:`RESUMABLE_CHANGES`. A field absent from ``saved`` (added to the schema since) counts
+      as its default; a field only in ``saved`` (removed since) is ignored.
+    """
+    from efficient_arch.config import default_config
+
+    now, old = _flat(cfg.to_dict()), _flat(saved)
+    defaults = _flat(default_config().to_dict())
+    diff = []
+    for k in sorted(now):
+        if _resumable(k):
+            continue
+        was = old[k] if k in old else defaults.get(k)
+        if _norm(was) != _norm(now[k]):
+            diff.append((k, was, now[k]))
+    return diff
+
+
+def _check_compatible(saved: dict | None, cfg, workdir: str = "the workdir") -> None:
+    """Refuse to resume when the workdir's checkpoint belongs to a different experiment.
 
     Raises:
-      ConfigError: naming each differing ``model.*`` field (remat, scan_layers and compute dtype
-        may change between runs: they leave the parameters' shapes unchanged).
+      ConfigError: naming each differing field (``config_diff``) with its checkpoint and current
+        value, and the ways out: the original config, a new --workdir, or --overwrite.
     """
     from efficient_arch.config import ConfigError
 
     if not saved:
         return
-    now = cfg.model.to_dict()
-    old = saved.get("model", {})
-    diff = sorted(k for k in set(now) | set(old)
-                  if k not in ("remat", "scan_layers", "dtype") and _norm(now.get(k)) != _norm(old.get(k)))
+    diff = config_diff(saved, cfg)
     if diff:
-        detail = ", ".join(f"model.{k}: checkpoint {old.get(k)!r} vs now {now.get(k)!r}" for k in diff)
-        raise ConfigError(f"the workdir's checkpoint was written with a different model ({detail}); "
-                         "use a new --workdir or restore the original config")
+        detail = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in diff)
+        raise ConfigError(
+            f"{workdir} holds a different experiment ({detail}). Resume it with its original config, use "
+            f"a new --workdir, or pass --overwrite to move it aside to {workdir}.old-<timestamp> and start "
+            "fresh (nothing is deleted)")
 
 
 def _norm(v):
@@ -282,6 +332,29 @@ def _norm(v):
     if isinstance(v, dict):
         return {k: _norm(x) for k, x in v.items()}
     return v
+
+
+def move_aside(workdir: str) -> str | None:
+    """Rename an existing, non-empty ``workdir`` to ``<workdir>.old-<YYYYmmdd-HHMMSS>`` (``-2``,
+    ``-3``, ... appended if taken) so a fresh run can start there. Nothing is deleted.
+
+    Returns:
+      The new path, or None when ``workdir`` does not exist or is empty (nothing to move).
+    Raises:
+      OSError: the rename failed (e.g. permissions); the workdir is then untouched.
+    """
+    import time
+
+    workdir = os.path.normpath(workdir)
+    if not os.path.isdir(workdir) or not os.listdir(workdir):
+        return None
+    base = f"{workdir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = base, 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{base}-{n}"
+    os.rename(workdir, target)
+    return target
 
 
 def _finished_step(workdir: str) -> int | None:
@@ -343,7 +416,7 @@ def evaluate(run: Run, params, batches: list[dict]) -> dict[str, float]:
 
 
 def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
-                 devices: list | None = None) -> dict:
+                 devices: list | None = None, overwrite: bool = False) -> dict:
     """Train ``cfg`` in ``workdir``, resuming from its latest checkpoint; returns the summary dict.
 
     Writes ``workdir/metrics.jsonl``, TensorBoard events under ``workdir/tb``, checkpoints under
@@ -353,6 +426,9 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     Args:
       devices: the devices of the mesh (default: all of ``jax.devices()``); e.g.
         ``jax.devices()[:4]`` to train on a part of the machine.
+      overwrite: move an existing workdir aside (:func:`move_aside`, never deleted) and start
+        fresh. Without it, a workdir whose checkpoint holds a different experiment
+        (:func:`config_diff`) is refused.
 
     Raises:
       ConfigError: invalid config (before anything compiles).
@@ -379,7 +455,15 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     t = cfg.train
     is_main = jax.process_index() == 0
     say = (console.print if console is not None else print) if is_main else (lambda *a, **k: None)
-    _check_compatible(read_config(workdir), cfg)
+    if overwrite:
+        moved = move_aside(workdir) if is_main else None
+        if jax.process_count() > 1:  # the others must not look at the workdir before it moved
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("efficient_arch overwrite")
+        if moved:
+            say(f"--overwrite: moved the old {workdir} to {moved} (nothing deleted); starting fresh")
+    _check_compatible(read_config(workdir), cfg, workdir)
     done = _finished_step(workdir)
     if done is not None and done >= t.steps:
         say(f"{workdir} is already trained to step {done} (train.steps={t.steps}); nothing to do. "

@@ -123,6 +123,19 @@ def tiny_run_config(corpus: pathlib.Path, **overrides):
     return make_tiny_config(**base)
 
 
+def cli_argv(workdir, corpus: pathlib.Path, *extra: str, **overrides) -> list[str]:
+    """``efficient-arch train`` arguments giving exactly :func:`tiny_run_config` (plus overrides
+    ``{"train.steps": 10}`` and extra flags), so the CLI runs share the compiled programs."""
+    fields = {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 4,
+              "model.d_ff": 128, "model.seq_len": 16, "train.batch_size": 4, "train.steps": 8,
+              "train.warmup_steps": 2, "train.log_every": 1, "train.eval_every": 1000, "train.eval_batches": 1,
+              "train.ckpt_every": 2, "train.keep_ckpts": 5, "data.source": "text", "data.path": str(corpus),
+              "data.cache_dir": str(corpus.parent / "cache"), "data.val_fraction": 0.2, "flops.peak_flops": 1e12}
+    fields.update(overrides)
+    return (["train", "--config=experiments/configs/transformer.py:tiny", f"--workdir={workdir}", "--noprogress"]
+            + [f"--config.{k}={v}" for k, v in fields.items()] + list(extra))
+
+
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("topology")
@@ -297,14 +310,8 @@ def test_truncated_checkpoint_is_reported_kept_and_skippable(finished_run, corpu
     assert listing(step8) == before and committed_steps(work / "checkpoints") == [2, 4, 6, 8]
 
     # the CLI prints the same message as one line, exit status 2
-    argv = ["train", "--config=experiments/configs/transformer.py:tiny", f"--workdir={work}", "--noprogress",
-            "--config.data.source=text", f"--config.data.path={corpus}", "--config.flops.peak_flops=1e12"]
-    for k, v in (("d_model", 64), ("n_layers", 2), ("n_heads", 4), ("n_kv_heads", 4), ("d_ff", 128),
-                 ("seq_len", 16)):
-        argv.append(f"--config.model.{k}={v}")
     capsys.readouterr()
-    assert cli.main(argv + ["--config.train.batch_size=4", "--config.train.steps=10", "--config.train.warmup_steps=2",
-                            "--config.data.val_fraction=0.2"]) == 2
+    assert cli.main(cli_argv(work, corpus, **{"train.steps": 10})) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"checkpoint error: checkpoint {step8} (step 8) is corrupt") and "Traceback" not in err
     assert listing(step8) == before
@@ -342,3 +349,60 @@ def test_unreadable_latest_config_is_reported(finished_run, corpus, tmp_path, da
         train.run_training(tiny_run_config(corpus, train__steps=10), str(work), progress=False)
     assert "previous committed step 6" in str(exc.value)
     assert step8.is_dir() and listing(step8) == before
+
+
+# ----------------------------------------------------------------------------- workdir protection
+
+
+def test_config_diff_names_run_changes_and_allows_execution_changes(corpus):
+    from efficient_arch import train
+    from efficient_arch.config import finalize
+
+    saved = finalize(tiny_run_config(corpus), 1).to_dict()
+    same = finalize(tiny_run_config(corpus, model__remat="full", model__scan_layers=False, model__dtype="bfloat16",
+                                    train__steps=20, train__grad_accum=2, train__log_every=5, train__eval_every=7,
+                                    train__ckpt_every=3, train__keep_ckpts=1, data__cache_dir="/elsewhere",
+                                    data__path="/moved/corpus", flops__peak_flops=2e12, mesh__data=1), 1)
+    assert train.config_diff(saved, same) == []
+    other = finalize(tiny_run_config(corpus, train__lr=1e-3, train__seed=3, data__val_fraction=0.25,
+                                     model__n_layers=4, train__eval_batches=2), 1)
+    assert [d[0] for d in train.config_diff(saved, other)] == [
+        "data.val_fraction", "model.n_layers", "train.eval_batches", "train.lr", "train.seed"]
+    # a field the checkpoint predates counts as its default
+    old = {**saved, "train": {k: v for k, v in saved["train"].items() if k != "b2"}}
+    assert train.config_diff(old, same) == []
+    assert [d[0] for d in train.config_diff(old, finalize(tiny_run_config(corpus, train__b2=0.99), 1))] == ["train.b2"]
+
+
+def test_other_experiment_refused_unless_overwrite(finished_run, corpus, tmp_path, capsys):
+    """A workdir holding a finished run: a run with another data split (or lr) is refused, naming
+    the fields; --overwrite moves the old workdir aside untouched and trains from step 0."""
+    import shutil
+
+    from efficient_arch import cli
+    from efficient_arch.checkpoint import committed_steps, read_config
+
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    before = listing(work)
+    capsys.readouterr()
+    assert cli.main(cli_argv(work, corpus, **{"data.val_fraction": 0.25, "train.lr": 0.001})) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"config error: {work} holds a different experiment (data.val_fraction: checkpoint "
+                          "0.2 vs now 0.25; train.lr: checkpoint 0.003 vs now 0.001)")
+    assert "--overwrite" in err and "Traceback" not in err
+    assert listing(work) == before
+
+    # changes that keep the run (log cadence, steps already reached) are accepted: nothing to do
+    assert cli.main(cli_argv(work, corpus, **{"train.log_every": 4, "model.remat": "full"})) == 0
+    assert "already trained to step 8" in " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    assert listing(work) == before
+
+    assert cli.main(cli_argv(work, corpus, "--overwrite", **{"data.val_fraction": 0.25})) == 0
+    out = "".join(capsys.readouterr().out.split())
+    old = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(old) == 1 and "movedtheold" in out and str(old[0]) in out
+    assert listing(old[0]) == before  # the old experiment, byte for byte
+    assert committed_steps(work / "checkpoints") == [2, 4, 6, 8]
+    assert read_config(work)["data"]["val_fraction"] == 0.25
+    assert sorted(read_losses(work)) == list(range(1, 9))
