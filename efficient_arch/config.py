@@ -32,6 +32,7 @@ DATA_SOURCES = ("stdlib", "text", "memmap") + TASK_SOURCES
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 MOE_ROUTERS = ("softmax", "sigmoid")
 MOE_DISPATCHES = ("capacity", "dropless")
+NAN_POLICIES = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,8 @@ def default_config() -> ml_collections.ConfigDict:
     t.eval_batches = 4
     t.ckpt_every = 100
     t.keep_ckpts = 2
+    t.nan_policy = "stop"  # non-finite loss or grad norm: "stop" the run | "skip" the step's update
+    t.max_skipped_steps = 10  # nan_policy="skip": stop after this many consecutive skipped steps
 
     d = c.data = ml_collections.ConfigDict()
     d.source = "stdlib"  # "stdlib" | "text" | "memmap" | "mqar" | "induction" | "selective_copy"
@@ -323,6 +326,12 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
             _fail(f"train.{n}", t[n], "Adam betas must lie in [0, 1)")
     if t.batch_size % t.grad_accum:
         _fail("train.batch_size", t.batch_size, f"must be divisible by train.grad_accum={t.grad_accum}")
+    if t.nan_policy not in NAN_POLICIES:
+        _fail("train.nan_policy", t.nan_policy, f"choose one of {NAN_POLICIES} ('stop': a non-finite loss or "
+              "gradient norm stops the run; 'skip': that step's update is discarded)")
+    if isinstance(t.max_skipped_steps, bool) or not isinstance(t.max_skipped_steps, int) or t.max_skipped_steps < 1:
+        _fail("train.max_skipped_steps", t.max_skipped_steps, "must be a positive integer (the run stops after "
+              "this many consecutive skipped steps under train.nan_policy='skip')")
 
     if d.source not in DATA_SOURCES:
         _fail("data.source", d.source, f"choose one of {DATA_SOURCES}")

@@ -96,7 +96,10 @@ class Run:
     Attributes:
       abstract_state: pytree of ``jax.ShapeDtypeStruct`` (with shardings) of the train state.
       state_shardings / batch_sharding: NamedShardings used as jit in/out shardings.
-      train_step: jitted ``(state, batch) -> (state, metrics)`` with the state donated.
+      train_step: jitted ``(state, batch) -> (state, metrics)`` with the state donated. With
+        ``train.nan_policy="skip"`` a step whose loss or gradient norm is non-finite leaves params
+        and optimizer state unchanged (step and RNG still advance) and reports
+        ``metrics["skipped"] = 1.0`` (else 0.0).
       eval_step: jitted ``(params, batch) -> (loss_sum, n_tokens, n_correct)`` over the (masked)
         target positions; ``n_correct`` counts argmax predictions equal to the target.
       loss_and_grad: jitted ``(params, batch) -> ((loss, metrics), grads)`` on one microbatch.
@@ -211,6 +214,12 @@ def build(cfg, mesh: Mesh) -> Run:
             if mcfg.moe.bias_update_rate > 0 and counts:
                 params = update_expert_bias(params, counts, mcfg.moe.bias_update_rate)
             metrics = moe_lib.summarize_metrics(metrics)
+        if t.nan_policy == "skip":  # non-finite loss / gradients: keep the old params and moments
+            ok = jnp.isfinite(grad_norm) & jnp.isfinite(metrics.get("loss", 0.0))
+            keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731 - select, NaNs don't leak
+            params = jax.tree.map(keep, params, state["params"])
+            opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+            metrics = {**metrics, "skipped": 1.0 - ok.astype(jnp.float32)}
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
         metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state["step"])}
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
@@ -365,9 +374,11 @@ def _finished_step(workdir: str) -> int | None:
     return steps[-1] if steps else None
 
 
-def _data_state(it, info: dict) -> dict:
-    """What the checkpoint stores about the data: the iterator position and the corpus identity."""
-    return {"iterator": it.get_state(), "fingerprint": info.get("fingerprint"), "source": info.get("source")}
+def _data_state(it, info: dict, loop: dict | None = None) -> dict:
+    """What the checkpoint stores besides arrays: the data iterator position, the corpus
+    identity, and the loop's counters (``skipped_steps``, ``consecutive_skips``)."""
+    return {"iterator": it.get_state(), "fingerprint": info.get("fingerprint"), "source": info.get("source"),
+            "loop": dict(loop or {})}
 
 
 def _restore_data(it, data_state: dict, info: dict) -> None:
@@ -433,7 +444,9 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     Raises:
       ConfigError: invalid config (before anything compiles).
       ValueError: incompatible checkpoint config; bad data.
-      FloatingPointError: non-finite loss (the last good checkpoint is kept).
+      FloatingPointError: non-finite loss or gradient norm under ``train.nan_policy="stop"``, or
+        ``train.max_skipped_steps`` consecutive skipped steps under ``"skip"``; the message names
+        the step, and the last committed checkpoint (never one with non-finite params) is kept.
       CorruptCheckpointError: the latest committed checkpoint cannot be read; the message names
         its folder and the fix (move it aside to resume from the previous step). Nothing is
         deleted and no earlier step is restored without being asked.
@@ -501,9 +514,11 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
                     f"{os.path.join(workdir, 'checkpoints')} (a save cut short, e.g. by kill -9); "
                     + (f"resuming from the last committed step {latest}" if latest is not None
                        else "no committed checkpoint: starting from step 0"))
+            loop = {"skipped_steps": 0, "consecutive_skips": 0}
             if latest is not None:
                 state, data_state, _ = ckpt.restore(latest, run.abstract_state)
                 _restore_data(it, data_state, info)
+                loop.update({k: int(v) for k, v in (data_state.get("loop") or {}).items() if k in loop})
                 say(f"resumed from step {latest} in {workdir}")
             else:
                 state = run.init_state()
@@ -540,17 +555,36 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
                 step += 1
                 interval_steps += 1
                 bar.update(step)
-                if not (math.isfinite(loss) and math.isfinite(gnorm)):  # never checkpoint NaN params
-                    ckpt.wait()
-                    raise FloatingPointError(
-                        f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
-                        f"(loss {loss}, grad_norm {gnorm}) at step {step}; nothing from this step was "
-                        f"saved and the last committed checkpoint (step {ckpt.latest_step()}) is kept. "
-                        "Lower train.lr or raise train.warmup_steps")
+                if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                    what = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                            f"(loss {loss}, grad_norm {gnorm}) at step {step}")
+                    if t.nan_policy == "stop":  # never checkpoint NaN params
+                        ckpt.wait()
+                        raise FloatingPointError(
+                            f"{what}; nothing from this step was saved and the last committed checkpoint "
+                            f"(step {ckpt.latest_step()}) is kept. Lower train.lr or raise train.warmup_steps "
+                            "(or set train.nan_policy=skip to skip such steps)")
+                    loop["skipped_steps"] += 1  # the jitted step kept the old params and moments
+                    loop["consecutive_skips"] += 1
+                    say(f"{what}: update skipped ({loop['consecutive_skips']} in a row, "
+                        f"{loop['skipped_steps']} in total; train.nan_policy=skip)")
+                    if loop["consecutive_skips"] >= t.max_skipped_steps:
+                        ckpt.wait()
+                        raise FloatingPointError(
+                            f"{what}: {loop['consecutive_skips']} consecutive steps skipped "
+                            f"(train.max_skipped_steps={t.max_skipped_steps}); stopping. Nothing from the "
+                            f"skipped steps was saved and the last committed checkpoint (step "
+                            f"{ckpt.latest_step()}) is kept. Lower train.lr or raise train.warmup_steps, or "
+                            "check the data")
+                else:
+                    loop["consecutive_skips"] = 0
                 if step % t.log_every == 0 or step == t.steps:
                     now = time.perf_counter()
                     dt = (now - interval_t) / interval_steps
                     row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if t.nan_policy == "skip":  # the per-step flag -> the run's running count
+                        row.pop("skipped", None)
+                        row["skipped_steps"] = loop["skipped_steps"]
                     row.update(tokens_per_s=tokens_per_step / dt, step_time_s=dt,
                                mfu=ana["model_flops_per_step"] / dt / (n_dev * peak))
                     if step % t.eval_every == 0 or step == t.steps:
@@ -560,9 +594,9 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
                     last_metrics = row
                     bar.update(step, row)
                     interval_t, interval_steps = time.perf_counter(), 0  # eval/logging excluded
-                ckpt.save(step, state, _data_state(it, info), cfg.to_dict(), force=step == t.steps)
+                ckpt.save(step, state, _data_state(it, info, loop), cfg.to_dict(), force=step == t.steps)
                 if stop.signum is not None:
-                    ckpt.save(step, state, _data_state(it, info), cfg.to_dict(), force=True)
+                    ckpt.save(step, state, _data_state(it, info, loop), cfg.to_dict(), force=True)
                     ckpt.wait()
                     bar.close()
                     say(f"stopped by signal {stop.signum} at step {step}; checkpoint written. "
@@ -607,6 +641,7 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
         "final_val_loss": val.get("val_loss"),
         "val_bpb": val.get("val_bpb"),
         "val_accuracy": val.get("val_accuracy"),
+        "skipped_steps": loop["skipped_steps"],
         "data": {k: v for k, v in info.items() if isinstance(v, (int, float, str, type(None)))},
     }
     if summary["mfu"] > 1 or summary["hfu"] > 1:  # never report >100% silently

@@ -406,3 +406,98 @@ def test_other_experiment_refused_unless_overwrite(finished_run, corpus, tmp_pat
     assert committed_steps(work / "checkpoints") == [2, 4, 6, 8]
     assert read_config(work)["data"]["val_fraction"] == 0.25
     assert sorted(read_losses(work)) == list(range(1, 9))
+
+
+# ----------------------------------------------------------------------------- NaN policy
+
+
+def poison_batches(monkeypatch, steps: set[int], bad_id: int):
+    """run_training's training batches of the given (1-based) steps carry token id ``bad_id``
+    (>= vocab_size: the embedding gather returns NaN, so loss and gradients are NaN)."""
+    import efficient_arch.data as data_lib
+
+    real = data_lib.make_train_iterator
+
+    class Poisoned:
+        def __init__(self, it):
+            self.it, self.n = it, 0
+
+        def __next__(self):
+            b = dict(next(self.it))
+            self.n += 1
+            if self.n in steps:
+                b["inputs"] = b["inputs"].copy()
+                b["inputs"][0, 0] = bad_id
+            return b
+
+        def __getattr__(self, name):  # get_state / set_state
+            return getattr(self.it, name)
+
+    monkeypatch.setattr(data_lib, "make_train_iterator", lambda *a, **kw: Poisoned(real(*a, **kw)))
+
+
+@pytest.mark.parametrize("field,value", [("nan_policy", "ignore"), ("max_skipped_steps", 0),
+                                         ("max_skipped_steps", -1)])
+def test_nan_policy_fields_validated(corpus, field, value):
+    from efficient_arch.config import ConfigError, finalize
+
+    with pytest.raises(ConfigError, match=rf"config\.train\.{field}={value!r}: (choose one of|must be a positive)"):
+        finalize(tiny_run_config(corpus, **{f"train__{field}": value}))
+
+
+def test_nan_policy_skip_discards_the_update_and_counts(corpus, tmp_path, monkeypatch, capsys):
+    """Step 3's batch makes loss and gradients NaN: under nan_policy=skip the run goes on to
+    step 8, the step-3 checkpoint holds exactly the step-2 params and Adam state (step and RNG
+    advance), the rows count the skip, and the later steps train normally."""
+    import jax
+
+    from efficient_arch import parallel, train
+    from efficient_arch.checkpoint import Checkpointer
+    from efficient_arch.config import finalize
+
+    cfg = tiny_run_config(corpus, train__nan_policy="skip", train__ckpt_every=1, train__keep_ckpts=10)
+    poison_batches(monkeypatch, {3}, cfg.model.vocab_size + 7)
+    summary = train.run_training(cfg, str(tmp_path), progress=False)
+    out = capsys.readouterr().out
+    assert "non-finite loss (loss nan, grad_norm nan) at step 3: update skipped (1 in a row, 1 in total" in out
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 1
+    rows = read_losses(tmp_path)
+    assert sorted(rows) == list(range(1, 9))
+    assert rows[3]["loss"] is None and rows[3]["grad_norm"] is None  # NaN logged as null
+    assert [rows[s]["skipped_steps"] for s in range(1, 9)] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert all(np.isfinite(rows[s]["loss"]) for s in (4, 5, 6, 7, 8)) and rows[8]["loss"] < rows[2]["loss"]
+
+    fcfg = finalize(cfg, 1)
+    mesh = parallel.make_mesh(fcfg)
+    run = train.build(fcfg, mesh)
+    with jax.set_mesh(mesh), Checkpointer(tmp_path, keep=10, save_every=1) as ck:
+        s2, _, _ = ck.restore(2, run.abstract_state)
+        s3, d3, _ = ck.restore(3, run.abstract_state)
+        s4, _, _ = ck.restore(4, run.abstract_state)
+    for part in ("params", "opt_state"):
+        for a, b, c in zip(jax.tree.leaves(s2[part]), jax.tree.leaves(s3[part]), jax.tree.leaves(s4[part])):
+            a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
+            assert np.isfinite(b).all() and np.array_equal(a, b)  # the update was discarded
+        assert any(not np.array_equal(np.asarray(b), np.asarray(c))  # step 4 trained again
+                   for b, c in zip(jax.tree.leaves(s3[part]), jax.tree.leaves(s4[part])))
+    assert int(s3["step"]) == 3 and not np.array_equal(np.asarray(s2["rng"]), np.asarray(s3["rng"]))
+    assert d3["loop"] == {"skipped_steps": 1, "consecutive_skips": 1}
+
+
+def test_nan_policy_skip_stops_after_max_consecutive(corpus, tmp_path, monkeypatch):
+    """Every batch from step 3 on is poisoned, max_skipped_steps=2: the run stops at step 4 with
+    a FloatingPointError naming it; the last checkpoint (step 3, finite, update discarded) is kept."""
+    from efficient_arch import train
+    from efficient_arch.checkpoint import committed_steps
+
+    cfg = tiny_run_config(corpus, train__nan_policy="skip", train__max_skipped_steps=2, train__ckpt_every=1,
+                          train__keep_ckpts=10)
+    poison_batches(monkeypatch, set(range(3, 9)), cfg.model.vocab_size + 7)
+    with pytest.raises(FloatingPointError) as exc:
+        train.run_training(cfg, str(tmp_path), progress=False)
+    msg = str(exc.value)
+    assert "at step 4: 2 consecutive steps skipped (train.max_skipped_steps=2); stopping" in msg
+    assert "last committed checkpoint (step 3) is kept" in msg
+    assert committed_steps(tmp_path / "checkpoints") == [1, 2, 3]
+    assert sorted(read_losses(tmp_path)) == [1, 2, 3]  # the stopping step is not logged (as under "stop")
+    assert not (tmp_path / "summary.json").exists()
