@@ -1,4 +1,4 @@
-"""Command line: ``efficient-arch train|flops|roofline|sweep`` (also ``python -m efficient_arch``).
+"""Command line: ``efficient-arch train|flops|roofline|sweep|table`` (also ``python -m efficient_arch``).
 
     efficient-arch train --config=experiments/configs/transformer.py:small \\
         --config.model.n_layers=4 --workdir=runs/x
@@ -6,6 +6,7 @@
     efficient-arch roofline --config=experiments/configs/transformer.py:base --chip=h100 \\
         --batch=1 --context=32768 [--arch=all] [--json=out.json]
     efficient-arch sweep experiments/sweeps/mqar_tiny.py --workdir runs/mqar_tiny [--parallel 2]
+    efficient-arch table mqar [--quick] [--workdir runs/tables/mqar] [--out results]
 
 Config overrides use ml_collections' ``config_flags`` syntax (``--config.section.field=value``,
 typed, including None-able fields). Config errors are printed as one line naming the field and
@@ -35,6 +36,9 @@ commands:
   sweep   run every point of a sweep file (efficient_arch/sweep.py), skipping finished ones:
           experiments/sweeps/NAME.py [--workdir=runs/NAME] [--parallel=N] [--list]
           (results in WORKDIR/results.csv and results.jsonl)
+  table   run or reuse the sweep behind a reproduced table and write results/NAME.md, .csv, .png:
+          NAME [--quick | --size=SIZE] [--workdir=runs/tables/NAME] [--out=results] [--parallel=N]
+          (NAME: mqar, induction, mfu_by_arch, moe_ablation, public_mfu; --list shows them)
 
 default config: experiments/configs/transformer.py:small
 """
@@ -84,6 +88,10 @@ def parse_args(cmd: str, argv: list[str]):
     if any(a in ("-h", "--help", "--helpfull") for a in argv):
         print(USAGE + "\nconfig fields (defaults of efficient_arch/config.py):\n" + "\n".join(_config_fields()))
         raise SystemExit(0)
+    for a in argv:  # a missing config file: say so in one line (config_flags nests the OSError)
+        if a.startswith("--config=") and not os.path.exists(a[len("--config="):].split(":")[0]):
+            _die(f"efficient-arch {cmd}: config file {a[len('--config='):].split(':')[0]!r} not found "
+                 f"(relative paths start at {os.getcwd()}); e.g. --config={DEFAULT_CONFIG}")
     fv = flags.FlagValues()
     default = _default_config()
     # config_flags must know the override flags when defining: hand it this argv, not sys.argv
@@ -305,7 +313,46 @@ def cmd_sweep(argv: list[str]) -> int:
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
-COMMANDS = {"train": cmd_train, "flops": cmd_flops, "roofline": cmd_roofline, "sweep": cmd_sweep}
+def cmd_table(argv: list[str]) -> int:
+    """``efficient-arch table NAME [--quick | --size S] [--workdir DIR] [--out DIR] [--parallel N]``.
+
+    Exit status 1 if a point of the table's sweep failed (the files are written all the same).
+    """
+    import argparse
+
+    from efficient_arch import sweep as sweep_lib
+    from efficient_arch import tables
+
+    ap = argparse.ArgumentParser(prog="efficient-arch table",
+                                 description="Run or reuse the sweep behind a table; write OUT/NAME.md, .csv, .png.")
+    ap.add_argument("name", nargs="?", help="table: experiments/tables/NAME.py")
+    ap.add_argument("--quick", action="store_true", help="CI size (seconds to a minute per table)")
+    ap.add_argument("--size", default=None, help="a size the table defines (default full; --quick = quick)")
+    ap.add_argument("--workdir", default=None, help="sweep directory (default runs/tables/NAME[-SIZE])")
+    ap.add_argument("--out", default=None, help="output directory (default results; results/quick for --quick)")
+    ap.add_argument("--parallel", type=int, default=1, help="points at a time (> 1: subprocesses)")
+    ap.add_argument("--list", action="store_true", help="list the tables and their sizes")
+    args = ap.parse_args(argv)
+    if args.list or not args.name:
+        for n in tables.available():
+            print(f"{n}  sizes: {', '.join(tables.sizes(tables.load_table(n)))}")
+        return 0 if args.list else 2
+    if args.quick and args.size not in (None, "quick"):
+        _die(f"efficient-arch table: --quick and --size={args.size} contradict each other")
+    size = "quick" if args.quick else (args.size or "full")
+    out = args.out or (os.path.join("results", "quick") if size == "quick" else "results")
+    try:
+        res = tables.run_table(args.name, size=size, workdir=args.workdir, out_dir=out, parallel=args.parallel)
+    except (tables.TableError, sweep_lib.SweepError) as e:
+        _die(f"efficient-arch table: {e}")
+    print(open(res["md"]).read())
+    print(f"wrote {res['md']}, {res['csv']}" + (f", {res['png']}" if res["png"] else "")
+          + f" in {res['wall_s']:.0f} s")
+    return 1 if res["failed"] else 0
+
+
+COMMANDS = {"train": cmd_train, "flops": cmd_flops, "roofline": cmd_roofline, "sweep": cmd_sweep,
+            "table": cmd_table}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -468,6 +468,8 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     t = cfg.train
     is_main = jax.process_index() == 0
     say = (console.print if console is not None else print) if is_main else (lambda *a, **k: None)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir!r} is an existing file, not a directory; choose another --workdir")
     if overwrite:
         moved = move_aside(workdir) if is_main else None
         if jax.process_count() > 1:  # the others must not look at the workdir before it moved
@@ -484,14 +486,14 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
         summary_path = os.path.join(workdir, "summary.json")
         return json.load(open(summary_path)) if os.path.exists(summary_path) else {"steps": done}
 
-    try:
+    try:  # bad data path / contents / a corpus too short for one sequence: config-level errors
         source = load_source(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad data path / contents: a config-level error
+        it = make_train_iterator(cfg, source, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+        eval_batches = make_eval_batches(cfg, source, t.eval_batches, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+    except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"data: {e}") from e
-    it = make_train_iterator(cfg, source, process_index=jax.process_index(),
-                             process_count=jax.process_count())
-    eval_batches = make_eval_batches(cfg, source, t.eval_batches, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
     info = source.info
     say(f"data: {info.get('source', cfg.data.source)} {info.get('n_train_tokens', 0):,} train / "
         f"{info.get('n_val_tokens', 0):,} val tokens, fingerprint {info.get('fingerprint')}")
@@ -500,7 +502,10 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     mesh = parallel.make_mesh(cfg, devices)
     run = build(cfg, mesh)
 
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir!r} cannot be created ({e}); choose another --workdir") from e
     stale = uncommitted_steps(os.path.join(workdir, "checkpoints"))  # orbax removes them on open
     ckpt = Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every)
     stop = _StopFlag()

@@ -501,3 +501,36 @@ def test_nan_policy_skip_stops_after_max_consecutive(corpus, tmp_path, monkeypat
     assert committed_steps(tmp_path / "checkpoints") == [1, 2, 3]
     assert sorted(read_losses(tmp_path)) == [1, 2, 3]  # the stopping step is not logged (as under "stop")
     assert not (tmp_path / "summary.json").exists()
+
+
+# ----------------------------------------------------------------------------- bad inputs (docs/bad_inputs.md)
+
+
+def test_bad_inputs_fail_with_one_line_not_a_traceback(corpus, tmp_path, capsys):
+    """Inputs of docs/bad_inputs.md that used to end in a traceback: a corpus shorter than one
+    sequence, a --workdir that is a file or cannot be created, a missing config file."""
+    from efficient_arch import cli
+
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (cli_argv(tmp_path / "w1", corpus, **{"data.path": short}),
+         "config error: data: config.model.seq_len=16: the train split has 8 tokens, fewer than the 17 one "
+         "window needs"),
+        (cli_argv(tmp_path / "a_file", corpus),
+         f"config error: --workdir='{tmp_path / 'a_file'}' is an existing file, not a directory"),
+        (cli_argv(tmp_path / "a_file" / "sub", corpus),
+         f"config error: --workdir='{tmp_path / 'a_file' / 'sub'}' cannot be created"),
+        (["train", "--config=experiments/configs/nope.py:tiny", f"--workdir={tmp_path / 'w2'}"],
+         "efficient-arch train: config file 'experiments/configs/nope.py' not found"),
+    ]
+    for argv, want in cases:
+        capsys.readouterr()
+        try:
+            rc = cli.main(argv)
+        except SystemExit as e:  # usage errors exit from the parser
+            rc = e.code
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith(want) and "Traceback" not in err, (argv, rc, err)
+    assert not (tmp_path / "w2").exists()
