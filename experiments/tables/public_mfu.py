@@ -1,6 +1,6 @@
 """Public MFU table: published utilization figures recomputed from their stated inputs.
 
-    python experiments/tables/public_mfu.py [--out results]
+    efficient-arch table public_mfu          (or: python experiments/tables/public_mfu.py [--out results])
 
 Writes ``results/public_mfu.md`` and ``results/public_mfu.csv``. Inputs are those in
 ``shared/REFERENCES.md`` (never tuned to match). MFU = achieved model FLOP/s per chip / dense
@@ -88,6 +88,43 @@ def _rows() -> list[dict]:
 def build() -> list[dict]:
     """The table rows (dicts with system, stated inputs, recomputed/published MFU %, verdict)."""
     return _rows()
+
+
+TITLE = "Public MFU figures, recomputed from stated inputs"
+SIZES = ("quick", "full")  # no training: both sizes are the same table
+
+
+def rows(ctx=None) -> list[dict]:
+    """The table rows for ``efficient-arch table public_mfu`` (same as :func:`build`)."""
+    return build()
+
+
+def plot(rows, fig, ctx=None):
+    """Recomputed vs published MFU per system (bars)."""
+    import numpy as np
+
+    ax = fig.add_subplot(1, 1, 1)
+    names = [r["system"] for r in rows]
+    y = np.arange(len(rows))
+    rec = [r["recomputed MFU %"] if r["recomputed MFU %"] is not None else np.nan for r in rows]
+    pub = [r["published MFU %"] if r["published MFU %"] is not None else np.nan for r in rows]
+    ax.barh(y - 0.2, rec, height=0.4, label="recomputed")
+    ax.barh(y + 0.2, pub, height=0.4, label="published")
+    ax.set_yticks(y, names, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("MFU %")
+    ax.legend(fontsize=7)
+    fig.set_size_inches(8, 6)
+
+
+def notes(rows, ctx=None) -> str:
+    """Sources and what was reproduced."""
+    bad = [r["system"] for r in rows if str(r["verdict"]).startswith(("does not", "cannot"))]
+    return ("Sources: PaLM (Chowdhery et al. 2022) Sec. 4 and Table 3 (PaLM, MT-NLG, Gopher, GPT-3 rows); "
+            "DeepSeek-V3 technical report; Meta's Llama 4 announcement; BLOOM; OPT (Zhang et al. 2022, "
+            "Sec. 2.4); Llama 3 (Table 4); MaxText README tables. Inputs as listed in "
+            "`shared/REFERENCES.md`, never tuned. Not reproduced from the stated inputs: "
+            + (", ".join(bad) if bad else "none") + " (see the verdict column).")
 
 
 def write(rows: list[dict], out_dir: str) -> tuple[str, str]:
