@@ -24,11 +24,13 @@ from efficient_arch.models.lm import group_blocks, layer_kinds, n_prefix_layers
 
 
 def forward_flops_per_token(mcfg, seq_len: int | None = None, *, attention: str = "causal",
-                            executed: bool = False) -> dict[str, float]:
+                            executed: bool = False, platform: str | None = None) -> dict[str, float]:
     """Analytic forward FLOPs per token by term for a finalized ``config.model``.
 
     ``executed=True`` counts what the program runs (attention as the full square, MoE capacity
-    slots or dense ragged dots) instead of the model FLOPs.
+    slots or dense ragged dots) instead of the model FLOPs; ``platform`` ("cpu" | "gpu" | "tpu",
+    None = the running JAX backend) is where it would run (the MoE's ``ragged_dot`` is dense on
+    CPU only).
 
     Returns:
       dict with ``mixers`` (all layers), ``ffn`` (all layers), ``lm_head`` (2 V d) and ``total``,
@@ -39,7 +41,8 @@ def forward_flops_per_token(mcfg, seq_len: int | None = None, *, attention: str 
     mixers = ffn = 0.0
     for mixer, ffn_name in layer_kinds(mcfg):
         mixers += registry.get_mixer(mixer).flops_per_token(mcfg, seq_len, attention=att)
-        ffn += registry.get_ffn(ffn_name).flops_per_token(mcfg, seq_len, attention=att, executed=executed)
+        ffn += registry.get_ffn(ffn_name).flops_per_token(mcfg, seq_len, attention=att, executed=executed,
+                                                          platform=platform)
     head = 2.0 * mcfg.vocab_size * mcfg.d_model
     return {"mixers": mixers, "ffn": ffn, "lm_head": head, "total": mixers + ffn + head}
 
@@ -57,7 +60,7 @@ def _weight_matmul_flops_per_token(mcfg, mixer: str) -> float:
                      if len(v.shape) >= 2 and "conv" not in jax.tree_util.keystr(path))
 
 
-def remat_recompute_flops_per_token(mcfg, seq_len: int | None = None) -> float:
+def remat_recompute_flops_per_token(mcfg, seq_len: int | None = None, *, platform: str | None = None) -> float:
     """Forward FLOPs per token that the backward pass executes again under ``model.remat``.
 
     * ``none``: 0.
@@ -77,7 +80,7 @@ def remat_recompute_flops_per_token(mcfg, seq_len: int | None = None) -> float:
         return 0.0
     kinds = layer_kinds(mcfg)
     if mcfg.remat == "full":
-        fwd = forward_flops_per_token(mcfg, seq_len, executed=True)
+        fwd = forward_flops_per_token(mcfg, seq_len, executed=True, platform=platform)
         glen = len(group_blocks(mcfg))
         tails = sum(getattr(registry.get_ffn(ffn), "remat_tail_flops_per_token", lambda c: 0.0)(mcfg)
                     for _, ffn in kinds[glen - 1::glen])
@@ -86,12 +89,16 @@ def remat_recompute_flops_per_token(mcfg, seq_len: int | None = None) -> float:
     for mixer, ffn in kinds:
         out += (registry.get_mixer(mixer).flops_per_token(mcfg, seq_len, attention="full")
                 - _weight_matmul_flops_per_token(mcfg, mixer))
-        out += getattr(registry.get_ffn(ffn), "batched_dot_flops_per_token", lambda c, t: 0.0)(mcfg, seq_len)
+        out += getattr(registry.get_ffn(ffn), "batched_dot_flops_per_token",
+                       lambda c, t, **kw: 0.0)(mcfg, seq_len, platform=platform)
     return out
 
 
-def analytic_flops(cfg) -> dict[str, float | str]:
+def analytic_flops(cfg, *, platform: str | None = None) -> dict[str, float | str]:
     """Training FLOPs per step (global, all devices) for a finalized config.
+
+    ``platform`` ("cpu" | "gpu" | "tpu"; None = the running JAX backend) only affects the
+    hardware count of an MoE's dropless dispatch (``ragged_dot`` is dense on CPU).
 
     Returns:
       ``model_flops_per_step``: 3 x forward x tokens, attention by ``cfg.flops.attention``, MoE
@@ -105,8 +112,8 @@ def analytic_flops(cfg) -> dict[str, float | str]:
     tokens = cfg.train.batch_size * m.seq_len
     fwd = forward_flops_per_token(m, attention=cfg.flops.attention)
     fwd_full = forward_flops_per_token(m, attention="full")
-    fwd_exec = forward_flops_per_token(m, executed=True)
-    recompute = remat_recompute_flops_per_token(m)
+    fwd_exec = forward_flops_per_token(m, executed=True, platform=platform)
+    recompute = remat_recompute_flops_per_token(m, platform=platform)
     return {
         "model_flops_per_token_fwd": fwd["total"],
         "model_flops_per_step": 3.0 * fwd["total"] * tokens,

@@ -215,13 +215,15 @@ def _mixer_cache_grows(name: str, mcfg) -> bool:
     return sizes(1) != sizes(2)
 
 
-def decode_flops_per_token(mcfg, context: int, *, executed: bool = False) -> dict[str, float]:
+def decode_flops_per_token(mcfg, context: int, *, executed: bool = False,
+                           platform: str | None = None) -> dict[str, float]:
     """Analytic forward FLOPs for one new token per sequence with ``context`` tokens cached.
 
     Args:
       executed: count each FFN as this implementation executes it on a 1-token sequence
         (``flops_per_token(..., executed=True)`` at ``seq_len=1``: an MoE with capacity dispatch
         then runs every expert's single slot) instead of its model FLOPs (active experts).
+      platform: "cpu" | "gpu" | "tpu" the executed count is for (None: the running backend).
     Returns:
       dict ``mixers`` (all layers, :func:`mixer_decode_flops_per_token`), ``ffn`` (all layers,
       each FFN's ``flops_per_token``: active experts for an MoE), ``lm_head`` (``2 V d``) and
@@ -232,7 +234,7 @@ def decode_flops_per_token(mcfg, context: int, *, executed: bool = False) -> dic
     kinds = _layer_kinds(mcfg)
     per_mixer = {n: mixer_decode_flops_per_token(n, mcfg, context) for n in dict.fromkeys(k[0] for k in kinds)}
     mixers = sum(per_mixer[m] for m, _ in kinds)
-    kw = {"executed": True} if executed else {}
+    kw = {"executed": True, "platform": platform} if executed else {}
     ffn = sum(registry.get_ffn(f).flops_per_token(mcfg, 1, **kw) for _, f in kinds)
     head = 2.0 * mcfg.vocab_size * mcfg.d_model
     return {"mixers": mixers, "ffn": ffn, "lm_head": head, "total": mixers + ffn + head}
@@ -334,6 +336,12 @@ def _batch_dot_elements(make_jaxpr, batch: int) -> float:
 
 # ------------------------------------------------------------------------------------- rooflines
 
+def chip_platform(chip: dict) -> str:
+    """"tpu" or "gpu" for :func:`chip_figures` output (the executed-FLOP count of an MoE's
+    ``ragged_dot`` differs on CPU, where JAX lowers it densely, from accelerators)."""
+    return "tpu" if str(chip["chip"]).upper().startswith("TPU") else "gpu"
+
+
 def _finish(out: dict, chip: dict, tokens: int) -> dict:
     total = sum(out["bytes"].values())
     out["bytes_total"] = total
@@ -386,7 +394,7 @@ def train_roofline(cfg, chip: dict, batch: int, context: int, *, _model=None) ->
     m = cfg.model
     graphdef, state = _model or _abstract_model(m)
     graphdef, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
-    ana = flops_lib.analytic_flops(cfg)
+    ana = flops_lib.analytic_flops(cfg, platform=chip_platform(chip))
     tokens = batch * context
     pb = _dtype_bytes(m.param_dtype)
     n_read = touched_params(m, count_params(m), tokens)

@@ -252,6 +252,21 @@ def test_flops_change_with_n_experts_only_by_router():
     assert fl[16] - fl[4] == L * 2 * d * 12
 
 
+def test_executed_flops_by_dispatch_and_platform():
+    """Hardware (executed) FFN FLOPs per token: capacity runs E*C/T expert passes; dropless runs
+    top_k on GPU/TPU (native ragged dot) but E*top_k on CPU (JAX's dense ragged_dot lowering)."""
+    d, f, E, k, T = 64, 32, 8, 2, 16
+    per = 6.0 * d * f
+    cap = finalize(_moe_cfg(model__moe__n_experts=E, model__moe__capacity_factor=1.25)).model
+    drop = finalize(_moe_cfg(model__moe__n_experts=E, model__moe__dispatch="dropless")).model
+    C = moe.capacity(T, E, k, 1.25)  # ceil(1.25 * 16 * 2 / 8) = 5
+    assert moe.MoE.flops_per_token(cap, T, executed=True) == 2 * d * E + E * C / T * per
+    assert moe.MoE.flops_per_token(drop, T, executed=True, platform="gpu") == 2 * d * E + k * per
+    assert moe.MoE.flops_per_token(drop, T, executed=True, platform="tpu") == 2 * d * E + k * per
+    assert moe.MoE.flops_per_token(drop, T, executed=True, platform="cpu") == 2 * d * E + E * k * per
+    assert moe.MoE.flops_per_token(drop, T) == moe.MoE.flops_per_token(cap, T) == 2 * d * E + k * per
+
+
 @pytest.mark.parametrize("dispatch, remat", [("capacity", "none"), ("dropless", "none"), ("capacity", "dots"),
                                             ("capacity", "full")])
 def test_analytic_flops_match_xla(dispatch, remat):

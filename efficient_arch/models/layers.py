@@ -137,10 +137,11 @@ class MLP(nnx.Module):
         return matmul("btf,fd->btd", h, self.w_down[...], self.dtype), {}
 
     @staticmethod
-    def flops_per_token(cfg, seq_len: int, *, attention: str = "causal", executed: bool = False) -> float:
+    def flops_per_token(cfg, seq_len: int, *, attention: str = "causal", executed: bool = False,
+                        platform: str | None = None) -> float:
         """Forward matmul FLOPs per token: 2 * 3 * d_model * d_ff (gate, up, down); executed ==
-        model FLOPs."""
-        del seq_len, attention, executed
+        model FLOPs on every platform."""
+        del seq_len, attention, executed, platform
         return 6.0 * cfg.d_model * cfg.d_ff
 
     @staticmethod

@@ -239,14 +239,16 @@ class MoE(nnx.Module):
         return jnp.einsum("btkd,btk->btd", y, weights.astype(jnp.float32)).astype(self.dtype)
 
     @staticmethod
-    def flops_per_token(cfg, seq_len: int, *, attention: str = "causal", executed: bool = False) -> float:
+    def flops_per_token(cfg, seq_len: int, *, attention: str = "causal", executed: bool = False,
+                        platform: str | None = None) -> float:
         """Forward FLOPs per token of one MoE layer.
 
         Model FLOPs (``executed=False``): router ``2 d E`` + ``top_k`` routed experts and the
         shared experts at ``6 d d_ff_expert`` each; never the total parameter count. With
         ``executed=True`` (hardware FLOPs): capacity dispatch runs all ``E * C`` slots of a
         sequence (``E C / T`` expert passes per token, padding included); dropless dispatch on
-        CPU, where ``ragged_dot`` lowers densely, runs ``E * top_k``.
+        CPU, where ``ragged_dot`` lowers densely, runs ``E * top_k``. ``platform`` ("cpu" |
+        "gpu" | "tpu") says where; None = the running JAX backend.
         Dispatch scatter / gather are data movement: 0 FLOPs.
         """
         del attention
@@ -256,7 +258,7 @@ class MoE(nnx.Module):
         if executed:
             if mo.dispatch == "capacity":
                 routed = mo.n_experts * capacity(seq_len, mo.n_experts, mo.top_k, mo.capacity_factor) / seq_len
-            elif jax.default_backend() == "cpu":
+            elif (platform or jax.default_backend()) == "cpu":
                 routed = float(mo.n_experts * mo.top_k)
         return 2.0 * cfg.d_model * mo.n_experts + (routed + mo.n_shared_experts) * per_expert
 
@@ -267,12 +269,12 @@ class MoE(nnx.Module):
         return 2.0 * cfg.d_model * cfg.moe.n_shared_experts * cfg.moe.d_ff_expert
 
     @staticmethod
-    def batched_dot_flops_per_token(cfg, seq_len: int) -> float:
+    def batched_dot_flops_per_token(cfg, seq_len: int, *, platform: str | None = None) -> float:
         """Executed routed-expert FLOPs: dots batched over experts (or ``ragged_dot``), which
         remat ``dots`` does not save."""
         mo = cfg.moe
         shared_and_router = 2.0 * cfg.d_model * mo.n_experts + mo.n_shared_experts * 6.0 * cfg.d_model * mo.d_ff_expert
-        return MoE.flops_per_token(cfg, seq_len, executed=True) - shared_and_router
+        return MoE.flops_per_token(cfg, seq_len, executed=True, platform=platform) - shared_and_router
 
     @staticmethod
     def n_inactive_params(cfg) -> int:
@@ -288,8 +290,9 @@ def load_metrics(counts: jax.Array) -> dict[str, jax.Array]:
       counts: float32 ``[n_layers, E]`` assignments per expert (any positive scale).
     Returns:
       float32 scalars averaged over layers: ``moe_load_max`` (largest share / uniform share:
-      1 is balanced, E means one expert takes all) and ``moe_load_cv`` (coefficient of variation
-      of the shares), plus ``moe_load_min`` (smallest share / uniform share).
+      1 is balanced; at most E / top_k, when every token picks the same top_k experts) and
+      ``moe_load_cv`` (coefficient of variation of the shares), plus ``moe_load_min`` (smallest
+      share / uniform share).
     """
     frac = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1e-9)
     mean = 1.0 / counts.shape[-1]
