@@ -610,10 +610,13 @@ def calibrate_cpu_peak(
         cached = _read_cache(path).get(key)
         result = _measure(key_dtype)
         best = float(cached["flops_per_s"]) if isinstance(cached, dict) else 0.0
-        label = (f"measured: best {result['n']}x{result['n']} {key_dtype} matmul calibration on this "
-                 f"machine (this process {result['flops_per_s']:.3e}; cached {path})")
         if result["flops_per_s"] <= best:
-            return best, label
+            n = cached.get("n", "?")
+            return best, (f"measured: best {key_dtype} matmul calibration on this machine ({n}x{n}, "
+                          f"cached {path}; this process measured {result['flops_per_s']:.3e} at "
+                          f"{result['n']}x{result['n']})")
+        label = (f"measured: {result['n']}x{result['n']} {key_dtype} matmul calibration in this process, "
+                 f"the best on this machine so far (cached {path})")
         result["fingerprint"] = fp
         _write_cache_entry(cache_root, path, key, result)
         return float(result["flops_per_s"]), label
