@@ -268,7 +268,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description="FLOP audit of every experiment config: analytic model / "
+                                "hardware FLOPs vs XLA, with the difference explained term by term.")
     p.add_argument("--size", default="tiny", help="config size (default tiny)")
     p.add_argument("--out", default=str(REPO_ROOT / "results"), help="output folder")
     p.add_argument("--configs", default=None, help="comma-separated config file names (default: all)")
