@@ -186,6 +186,10 @@ def cmd_train(argv: list[str]) -> int:
     from efficient_arch.train import run_training
 
     s = run_training(fv.config, fv.workdir, progress=fv.progress, console=Console(), overwrite=fv.overwrite)
+    import jax
+
+    if jax.process_index() != 0:  # multi-host: process 0 reports
+        return 0
     keys = ["n_params", "n_params_non_embedding", "tokens_per_step", "step_time_s", "tokens_per_s",
             "model_flops_per_step", "attention_flops_convention", "xla_flops_per_step",
             "xla_vs_analytic_hardware", "peak_flops_per_s", "peak_flops_source", "mfu", "hfu", "device_kind",

@@ -1,12 +1,13 @@
 """Config schema, defaults and validation: the only place defaults live.
 
-A run is described by one ``ml_collections.ConfigDict`` with four sections plus ``flops``
+A run is described by one ``ml_collections.ConfigDict`` with five sections plus ``flops``
 (field names follow ``shared/DESIGN.md``)::
 
     model  architecture (mixer, ffn, sizes, remat, dtypes)
     train  optimisation and loop cadence
     data   where tokens come from
     mesh   device-mesh axis sizes (data, fsdp, tensor, expert; -1 = the remaining devices)
+    distributed  multi-host settings (coordinator, process count / id; None = environment)
     flops  peak FLOP/s override and the attention counting convention
 
 ``experiments/configs/*.py`` start from :func:`default_config` and override fields; the CLI
@@ -132,6 +133,13 @@ def default_config() -> ml_collections.ConfigDict:
     me.fsdp = 1
     me.tensor = 1
     me.expert = 1
+
+    di = c.distributed = ml_collections.ConfigDict()  # multi-host (parallel.init_distributed)
+    di.coordinator_address = config_dict.placeholder(str)  # "host:port" of process 0; None -> $JAX_COORDINATOR_ADDRESS
+    di.num_processes = config_dict.placeholder(int)  # None -> $JAX_NUM_PROCESSES, else cluster auto-detection
+    di.process_id = config_dict.placeholder(int)  # None -> $JAX_PROCESS_ID, else cluster auto-detection
+    di.auto_detect = True  # SLURM / Open MPI / multi-host TPU with > 1 process: initialize automatically
+    di.timeout_s = 300  # seconds to wait for all processes to connect
 
     f = c.flops = ml_collections.ConfigDict()
     f.peak_flops = config_dict.placeholder(float)  # FLOP/s per device; None -> table / calibration
@@ -347,6 +355,20 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
     if d.source in TASK_SOURCES:
         _check_task(m, d)
 
+    di = cfg.distributed
+    for n in ("num_processes", "timeout_s"):
+        if di[n] is not None and (isinstance(di[n], bool) or not isinstance(di[n], int) or di[n] < 1):
+            _fail(f"distributed.{n}", di[n], "must be a positive integer" + (" or None" if n != "timeout_s" else ""))
+    if di.process_id is not None and (isinstance(di.process_id, bool) or not isinstance(di.process_id, int)
+                                      or di.process_id < 0):
+        _fail("distributed.process_id", di.process_id, "must be a non-negative integer or None")
+    if di.process_id is not None and di.num_processes is not None and di.process_id >= di.num_processes:
+        _fail("distributed.process_id", di.process_id, f"must be below distributed.num_processes="
+              f"{di.num_processes} (processes are numbered 0 .. num_processes - 1)")
+    if di.coordinator_address is not None and not _is_host_port(di.coordinator_address):
+        _fail("distributed.coordinator_address", di.coordinator_address, "must be 'host:port' of process 0 "
+              "(e.g. '10.0.0.1:1234')")
+
     if cfg.flops.attention not in ATTENTION_CONVENTIONS:
         _fail("flops.attention", cfg.flops.attention, f"choose one of {ATTENTION_CONVENTIONS}")
     if cfg.flops.peak_flops is not None and not cfg.flops.peak_flops > 0:
@@ -373,6 +395,14 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
                       f"that axis); change the value or the mesh")
     cfg.lock()
     return cfg
+
+
+def _is_host_port(address) -> bool:
+    """True for ``host:port`` / ``[ipv6]:port`` with a port in 1..65535."""
+    if not isinstance(address, str) or ":" not in address:
+        return False
+    host, port = address.rsplit(":", 1)
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def group_len(mcfg) -> int:

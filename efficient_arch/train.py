@@ -272,7 +272,7 @@ RESUMABLE_CHANGES = (
     "model.remat", "model.scan_layers", "model.dtype",
     "train.steps", "train.grad_accum", "train.log_every", "train.eval_every", "train.ckpt_every",
     "train.keep_ckpts", "train.nan_policy", "train.max_skipped_steps",
-    "data.path", "data.cache_dir", "mesh.*", "flops.*",
+    "data.path", "data.cache_dir", "mesh.*", "distributed.*", "flops.*",
 )
 
 
@@ -463,11 +463,16 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     from efficient_arch.metrics import MetricsWriter
     from efficient_arch.models.lm import count_params
 
+    finalize(cfg)  # validate before joining a multi-process run (no device needed)
+    dist = parallel.init_distributed(cfg)  # before anything touches a device; no-op on one process
     devices = list(jax.devices() if devices is None else devices)
     cfg = finalize(cfg, len(devices))
     t = cfg.train
     is_main = jax.process_index() == 0
     say = (console.print if console is not None else print) if is_main else (lambda *a, **k: None)
+    if dist is not None:
+        say(f"distributed: process {dist['process_id']} of {dist['num_processes']} ({dist['source']}), "
+            f"{jax.local_device_count()} local / {jax.device_count()} global devices")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir!r} is an existing file, not a directory; choose another --workdir")
     if overwrite:
