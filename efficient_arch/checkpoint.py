@@ -122,9 +122,9 @@ def uncommitted_steps(checkpoint_dir: str | os.PathLike) -> list[str]:
     if not directory.exists():
         return []
     out = []
-    for p in directory.iterdir():
-        step_like = p.name.split(".")[0].isdigit()
-        if step_like and p.is_dir() and not (p.name.isdigit() and _is_finalized(p)):
+    for p in directory.iterdir():  # other names (e.g. a corrupt step moved to "8.corrupt") are left alone
+        tmp = p.name.split(".")[0].isdigit() and ".orbax-checkpoint-tmp" in p.name
+        if p.is_dir() and (tmp or (p.name.isdigit() and not _is_finalized(p))):
             out.append(p.name)
     return sorted(out, key=lambda n: (int(n.split(".")[0]), n))
 

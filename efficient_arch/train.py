@@ -476,7 +476,11 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir!r} is an existing file, not a directory; choose another --workdir")
     if overwrite:
-        moved = move_aside(workdir) if is_main else None
+        try:
+            moved = move_aside(workdir) if is_main else None
+        except OSError as e:
+            raise ConfigError(f"--overwrite: could not move {workdir} aside ({e}); nothing was changed. "
+                              "Move or rename it yourself, or choose another --workdir") from e
         if jax.process_count() > 1:  # the others must not look at the workdir before it moved
             from jax.experimental import multihost_utils
 
