@@ -181,8 +181,9 @@ def mesh_shape(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
         if n_devices % fixed:
-            _fail(f"mesh.{free[0]}", -1, f"the other axes multiply to {fixed}, which does not divide "
-                  f"the {n_devices} available devices; change the mesh sizes")
+            others = " x ".join(f"mesh.{a}={s}" for a, s in sizes.items() if s != -1)
+            _fail(f"mesh.{free[0]}", -1, f"the other axes ({others}) multiply to {fixed}, which does not "
+                  f"divide the {n_devices} available devices; change those mesh sizes")
         sizes[free[0]] = n_devices // fixed
     elif fixed != n_devices:
         _fail("mesh", dict(sizes), f"axis sizes multiply to {fixed} but {n_devices} devices are "

@@ -608,7 +608,9 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
                     last_metrics = row
                     bar.update(step, row)
                     interval_t, interval_steps = time.perf_counter(), 0  # eval/logging excluded
+                t_save = time.perf_counter()
                 ckpt.save(step, state, _data_state(it, info, loop), cfg.to_dict(), force=step == t.steps)
+                interval_t += time.perf_counter() - t_save  # checkpointing excluded from tokens/s
                 if stop.signum is not None:
                     ckpt.save(step, state, _data_state(it, info, loop), cfg.to_dict(), force=True)
                     ckpt.wait()
