@@ -25,11 +25,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from efficient_arch import parallel
 from efficient_arch.config import TASK_SOURCES
 from efficient_arch.ops import scan as scan_lib
-from efficient_arch.models import moe as moe_lib
-from efficient_arch.models.lm import new_model, update_expert_bias
+from efficient_arch.models.lm import apply_step_stats, new_model
 
 # not weight-decayed: norm scales, biases, and SSM decay / skip parameters (Mamba-2 practice), and
-# the MoE selection bias (zero gradient, so AdamW leaves it alone; moved by update_expert_bias)
+# the MoE selection bias (zero gradient, so AdamW leaves it alone; moved by MoE.post_step)
 NO_DECAY_NAMES = ("scale", "bias", "A_log", "dt_bias", "D", "expert_bias")
 
 
@@ -209,11 +208,9 @@ def build(cfg, mesh: Mesh) -> Run:
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
-        if mcfg.ffn == "moe":  # per-layer expert counts -> aux-loss-free bias step, load metrics
-            counts = {k: v for k, v in metrics.items() if jnp.ndim(v)}
-            if mcfg.moe.bias_update_rate > 0 and counts:
-                params = update_expert_bias(params, counts, mcfg.moe.bias_update_rate)
-            metrics = moe_lib.summarize_metrics(metrics)
+        # per-layer statistics the model reported (e.g. MoE expert counts): its modules' own
+        # post-step rules (aux-loss-free bias step) and loggable scalars
+        params, metrics = apply_step_stats(mcfg, params, metrics)
         if t.nan_policy == "skip":  # non-finite loss / gradients: keep the old params and moments
             ok = jnp.isfinite(grad_norm) & jnp.isfinite(metrics.get("loss", 0.0))
             keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731 - select, NaNs don't leak

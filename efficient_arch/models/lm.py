@@ -273,6 +273,23 @@ def count_params(cfg) -> dict[str, int]:
     return {"n_params": total, "n_params_non_embedding": total - emb, "n_active_params": total - inactive}
 
 
+def apply_step_stats(mcfg, params: dict, metrics: dict) -> tuple[dict, dict]:
+    """After the optimizer update: hand the step's per-layer statistics to the modules that made
+    them, then drop what cannot be logged.
+
+    Every FFN / mixer class present that defines ``post_step(cfg, params, metrics) -> (params,
+    metrics)`` is called once (the MoE's aux-loss-free bias step and load metrics). Remaining
+    non-scalar entries (per-layer vectors ``"{stack}/{name}/{block}"``) are removed, so the
+    returned metrics are float32 scalars. Returns ``(params, metrics)``.
+    """
+    classes = {registry.get_mixer(m) for m, _ in layer_kinds(mcfg)} | {registry.get_ffn(f) for _, f in layer_kinds(mcfg)}
+    for cls in sorted(classes, key=lambda c: c.__name__):
+        hook = getattr(cls, "post_step", None)
+        if hook is not None:
+            params, metrics = hook(mcfg, params, metrics)
+    return params, {k: v for k, v in metrics.items() if not jnp.ndim(v)}
+
+
 def update_expert_bias(params: dict, aux: dict, rate: float) -> dict:
     """Aux-loss-free balancing step (DeepSeek-V3 §2.1.2): ``b_i += rate * sign(mean load - load_i)``.
 

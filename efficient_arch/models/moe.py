@@ -15,8 +15,8 @@ Weights are finally multiplied by ``route_scale`` (DeepSeek-V3's routed scaling 
 
 Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2): a per-expert ``expert_bias`` is added to the
 scores *for the top-k selection only* (weights use the unbiased scores). It is not trained by
-gradient: after each step the train step moves it by ``bias_update_rate * sign(mean load - load)``
-(:func:`efficient_arch.models.lm.update_expert_bias`), raising under-loaded experts.
+gradient: after each step :meth:`MoE.post_step` moves it by ``bias_update_rate * sign(mean load -
+load)`` (:func:`efficient_arch.models.lm.update_expert_bias`), raising under-loaded experts.
 
 Losses (added to the training loss through ``aux["aux_loss"]``):
 
@@ -261,6 +261,19 @@ class MoE(nnx.Module):
             elif (platform or jax.default_backend()) == "cpu":
                 routed = float(mo.n_experts * mo.top_k)
         return 2.0 * cfg.d_model * mo.n_experts + (routed + mo.n_shared_experts) * per_expert
+
+    @staticmethod
+    def post_step(cfg, params: dict, metrics: dict) -> tuple[dict, dict]:
+        """After each optimizer step (called by the train step through ``lm.apply_step_stats``):
+        the aux-loss-free bias step from the per-layer ``expert_counts`` when
+        ``moe.bias_update_rate > 0``, and the counts turned into loggable load metrics
+        (:func:`summarize_metrics`)."""
+        from efficient_arch.models.lm import update_expert_bias
+
+        counts = {k: v for k, v in metrics.items() if jnp.ndim(v) and "/expert_counts/" in k}
+        if cfg.moe.bias_update_rate > 0 and counts:
+            params = update_expert_bias(params, counts, cfg.moe.bias_update_rate)
+        return params, summarize_metrics(metrics)
 
     @staticmethod
     def remat_tail_flops_per_token(cfg) -> float:
