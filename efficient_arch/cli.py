@@ -190,8 +190,9 @@ def cmd_train(argv: list[str]) -> int:
 
     if jax.process_index() != 0:  # multi-host: process 0 reports
         return 0
-    keys = ["n_params", "n_params_non_embedding", "tokens_per_step", "step_time_s", "tokens_per_s",
-            "model_flops_per_step", "attention_flops_convention", "xla_flops_per_step",
+    keys = ["n_params", "n_params_non_embedding", "n_active_params", "tokens_per_step", "step_time_s",
+            "tokens_per_s", "model_flops_per_step", "attention_flops_convention", "hardware_flops_per_step",
+            "xla_flops_per_step",
             "xla_vs_analytic_hardware", "peak_flops_per_s", "peak_flops_source", "mfu", "hfu", "device_kind",
             "n_devices", "compile_time_s", "final_train_loss", "final_val_loss", "val_bpb", "val_accuracy"]
     _table(f"summary ({os.path.join(fv.workdir, 'summary.json')})", [(k, _fmt(s.get(k))) for k in keys])
