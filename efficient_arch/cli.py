@@ -32,7 +32,8 @@ commands:
           of one decode step on a chip: --config=FILE[:SIZE] [--config.a.b=v ...] --chip=h100
           --batch=B --context=T [--arch=all [--size=base]] [--hbm_bandwidth=BYTES_PER_S]
           [--weight_dtype=DTYPE] [--notrain] [--json=PATH]
-          (--arch=all: one row per experiments/configs file at --size)
+          (--arch=all: one row per experiments/configs file at --size, or at the SIZE of
+          --config=FILE:SIZE when --size is not given)
   sweep   run every point of a sweep file (efficient_arch/sweep.py), skipping finished ones:
           experiments/sweeps/NAME.py [--workdir=runs/NAME] [--parallel=N] [--list]
           (results in WORKDIR/results.csv and results.jsonl)
@@ -113,7 +114,8 @@ def parse_args(cmd: str, argv: list[str]):
         flags.DEFINE_integer("context", None, "train sequence length and decode cache length "
                              "(default: the config's seq_len)", flag_values=fv)
         flags.DEFINE_string("arch", None, "'all': one row per experiments/configs file", flag_values=fv)
-        flags.DEFINE_string("size", "base", "config size for --arch=all", flag_values=fv)
+        flags.DEFINE_string("size", "base", "config size for --arch=all (default: the SIZE of "
+                            "--config=FILE:SIZE if given, else base)", flag_values=fv)
         flags.DEFINE_float("hbm_bandwidth", None, "HBM bytes/s per device (overrides the table)", flag_values=fv)
         flags.DEFINE_string("weight_dtype", None, "dtype decode reads weights in (default: model.dtype)",
                             flag_values=fv)
@@ -258,13 +260,17 @@ def cmd_roofline(argv: list[str]) -> int:
     try:
         if fv.arch == "all":
             overrides = [a for a in argv if a.startswith("--config.")]
+            size = fv.size
+            given = [a.split(":", 1)[1] for a in argv if a.startswith("--config=") and ":" in a]
+            if given and not fv["size"].present:  # --config=FILE:SIZE names the size of every row
+                size = given[-1]
             rows = []
             for path in rl.config_files(os.path.join(REPO_ROOT, "experiments", "configs")):
-                cfg = parse_args("roofline", [f"--config={path}:{fv.size}"] + overrides).config
+                cfg = parse_args("roofline", [f"--config={path}:{size}"] + overrides).config
                 context = fv.context or cfg.model.seq_len
                 rows.append({"config": os.path.basename(path), **rl.roofline(cfg, context=context, **kw)})
             rl.print_all(rows)
-            out = {"size": fv.size, "rows": rows}
+            out = {"size": size, "rows": rows}
         else:
             out = rl.roofline(fv.config, context=fv.context or fv.config.model.seq_len, **kw)
             rl.print_one(out)
