@@ -389,10 +389,13 @@ CHILD = textwrap.dedent("""
                 (_, m0), g = run.loss_and_grad(state["params"], b)
                 gl = [float(jnp.sum(jnp.abs(v))) for v in jax.tree.leaves(g)]
                 rows = []
-                for _ in range(3):
+                # the full train step (bias update, metrics) on two meshes only: each compile costs
+                for _ in range(3 if name in ("1", "e4") else 0):
                     state, m = run.train_step(state, b)
                     rows.append([float(m[k]) for k in ("loss", "aux_loss", "moe_drop_fraction", "grad_norm")])
-            out[dispatch + ":" + name] = {{"rows": rows, "grad_l1": gl, "aux0": float(m0["aux_loss"])}}
+                d = (m0["moe_dropped"] / m0["moe_assigned"]) if "moe_dropped" in m0 else 0.0
+            out[dispatch + ":" + name] = {{"rows": rows, "grad_l1": gl, "aux0": float(m0["aux_loss"]),
+                                           "drop0": float(d)}}
     print("RESULT" + json.dumps(out))
 """)
 
@@ -405,12 +408,15 @@ def eight_device_report():
 @pytest.mark.parametrize("dispatch, mesh", [("capacity", m) for m in ("e2", "e4", "e8", "e2t2")]
                          + [("dropless", "e8")])
 def test_aux_loss_and_grads_do_not_depend_on_mesh(eight_device_report, dispatch, mesh):
-    """Expert axis 2, 4, 8 (and expert 2 x tensor 2) on 8 fake devices: the aux loss and every
-    gradient leaf equal 1 device's; 3 train steps (with the bias update) give the same losses,
-    drop fractions and grad norms. (Dropless on expert axis 8 only, to bound the test time.)"""
+    """Expert axis 2, 4, 8 (and expert 2 x tensor 2) on 8 fake devices: the aux loss, the drop
+    fraction and every gradient leaf equal 1 device's; on expert axis 4, 3 full train steps (with
+    the bias update) give the same losses, drop fractions and grad norms. (Dropless on expert
+    axis 8 only, and train steps on one mesh, to bound the test time: each is a compile.)"""
     one, other = eight_device_report[f"{dispatch}:1"], eight_device_report[f"{dispatch}:{mesh}"]
     np.testing.assert_allclose(other["aux0"], one["aux0"], rtol=1e-5)
+    np.testing.assert_allclose(other["drop0"], one["drop0"], rtol=1e-6)
     np.testing.assert_allclose(other["grad_l1"], one["grad_l1"], rtol=1e-4)
-    np.testing.assert_allclose(other["rows"], one["rows"], rtol=2e-5, atol=1e-7)
+    if other["rows"]:
+        np.testing.assert_allclose(other["rows"], one["rows"], rtol=2e-5, atol=1e-7)
     if dispatch == "capacity":
-        assert one["rows"][0][2] > 0  # capacity factor 1.0 drops something: the check is not vacuous
+        assert one["drop0"] > 0  # capacity factor 1.0 drops something: the check is not vacuous
