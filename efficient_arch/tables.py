@@ -106,9 +106,19 @@ class Context:
         if cache.get("_summary_mtime") != stamp:
             cache = {"_summary_mtime": stamp}
         if key not in cache:
+            t0 = time.perf_counter()
             cache[key] = compute()
+            cache.setdefault("_seconds", {})[key] = time.perf_counter() - t0
             _write_json(path, cache)
         return cache[key]
+
+    def cached_seconds(self) -> float:
+        """Seconds spent computing the cached values of every point (what a first run paid)."""
+        total = 0.0
+        for r in self.results:
+            cache = _read_json(os.path.join(r["workdir"], "table_cache.json")) or {}
+            total += sum(cache.get("_seconds", {}).values())
+        return total
 
 
 def evaluate_point(result: dict, overrides: dict, *, n_batches: int | None = None) -> dict:
@@ -149,6 +159,13 @@ def evaluate_point(result: dict, overrides: dict, *, n_batches: int | None = Non
         finally:
             ckpt.close()
         return train.evaluate(run, state["params"], batches)
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
 def _mtime(path: str):
@@ -328,13 +345,22 @@ def run_table(name: str, *, size: str = "full", workdir: str | None = None, out_
     if size not in sizes(mod):
         raise TableError(f"table {name!r} has no size {size!r}; sizes: {', '.join(sizes(mod))}")
     t0 = time.perf_counter()
+    load0 = _load()
     workdir = workdir or default_workdir(name, size)
     ctx = Context(name=name, size=size, workdir=workdir, log=log)
     ctx.sweep = table_sweep(name, mod, size)
     if ctx.sweep is not None:
         enable_compilation_cache()
         log(f"table {name} ({size}): {len(ctx.sweep.points)} points in {workdir}")
+        todo = [p.name for p in ctx.sweep.points if not sweep_lib.is_finished(os.path.join(workdir, p.name))]
         ctx.results = sweep_lib.run_sweep(ctx.sweep, workdir, parallel=parallel, log=log)
+        if todo:  # remember the machine's load while these points trained (the md header reports it)
+            runs_path = os.path.join(workdir, "table_runs.json")
+            past = _read_json(runs_path) or []
+            past.append({"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "points_run": len(todo),
+                         "wall_s": time.perf_counter() - t0, "load_start": load0, "load_end": _load(),
+                         "cpus": os.cpu_count()})
+            _write_json(runs_path, past)
     rows = mod.rows(ctx)
     os.makedirs(out_dir, exist_ok=True)
     md_path, csv_path = os.path.join(out_dir, f"{name}.md"), os.path.join(out_dir, f"{name}.csv")
@@ -342,14 +368,23 @@ def run_table(name: str, *, size: str = "full", workdir: str | None = None, out_
     write_csv(rows, csv_path)
     wall = time.perf_counter() - t0
     failed = [r["name"] for r in ctx.results if r.get("status") != "ok"]
+    train_s = sum(float(r.get("wall_s") or 0.0) for r in ctx.results)
+    eval_s = ctx.cached_seconds()
     notes = getattr(mod, "notes", None)
     doc = (mod.__doc__ or "").strip().splitlines()
     head = [f"# {getattr(mod, 'TITLE', doc[0] if doc else name)}", "",
             f"Size `{size}`: `efficient-arch table {name}{' --quick' if size == 'quick' else ''}"
             f"{'' if size in ('quick', 'full') else ' --size ' + size}`"
-            + (f", {len(ctx.results)} training runs in `{workdir}`" if ctx.sweep is not None else "")
-            + f"; this invocation took {wall:.0f} s (finished points are reused, so a rerun is faster "
-              "than the first run)."]
+            + (f", {len(ctx.results)} training runs in `{workdir}` ({train_s:.0f} s of training, "
+               "summed over the points" + (f", and {eval_s:.0f} s of the table's own evaluations"
+                                          if eval_s else "") + ")" if ctx.sweep is not None else "")
+            + f"; this invocation: {wall:.0f} s (it reuses finished points and cached evaluations)."]
+    loads = [v for run in (_read_json(os.path.join(workdir, "table_runs.json")) or [])
+             for v in (run.get("load_start"), run.get("load_end")) if v is not None]
+    if loads:
+        head[-1] += (f" While the points trained, the 1-minute load average was {min(loads):.1f}-{max(loads):.1f} "
+                     f"on {os.cpu_count()} CPUs (start and end of each training invocation): tokens/s and "
+                     "MFU are those of a machine with that much other work.")
     if failed:
         head += ["", f"**{len(failed)} point(s) failed**: " + ", ".join(f"`{n}`" for n in failed)
                  + " (errors in the CSV and the points' `point.json`)."]

@@ -14,7 +14,11 @@ parameters). The long-length evaluations are cached in the points' ``table_cache
 
 Mamba (Gu & Dao 2023) Table 2: 2-layer models trained at length 256 and tested at 2^6 .. 2^20:
 Mamba 100% at every length; MHA-RoPE 100% up to the training length, 83.6% at 2^9, 31.3% at 2^10,
-18.4% at 2^11 (``shared/REFERENCES.md``). This table scales that down: train at 64, test to 2^11 (32x, the paper tests up to 4096x).
+18.4% at 2^11 (``shared/REFERENCES.md``). This table scales that down: train at 32, test up to
+2^11 (64x; the paper tests up to 4096x). Training length 32 rather than 64 because the signal is
+one answer per sequence: measured at 600 steps of 64 sequences, attention stays at chance (7%)
+when trained at length 64 with batch 32, and reaches 94% by step 300 at length 32 (an induction
+head forms once attention is not spread over too many positions).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ SIZES = ("quick", "full")
 
 MIXERS = {  # table label -> config file (size tiny)
     "attention (RoPE)": "transformer.py",
-    "sliding window (64)": "sliding_window.py",
+    "sliding window (16)": "sliding_window.py",
     "Mamba-2": "mamba2.py",
     "Gated DeltaNet": "gated_deltanet.py",
 }
@@ -34,7 +38,7 @@ QUICK_MIXERS = ("attention (RoPE)", "Mamba-2")
 # size -> (train length, test lengths, steps, batch, lr)
 SETTINGS = {
     "quick": (16, (16, 32), 3, 4, 3e-3),
-    "full": (64, (64, 128, 256, 512, 1024, 2048), 600, 32, 3e-3),
+    "full": (32, (32, 64, 128, 256, 512, 1024, 2048), 500, 64, 3e-3),
 }
 EVAL_EXAMPLES = {"quick": 8, "full": 256}  # validation examples per test length
 EVAL_TOKENS = 8192  # tokens per evaluation batch at long lengths (memory bound of the T x T scores)
@@ -113,14 +117,16 @@ def notes(rows, ctx) -> str:
     longer = [L for L in lens if L > train_len]
     lines = ["Published (Gu & Dao 2023, Mamba, Table 2; trained at 256): Mamba 100% at every test "
              "length 2^6 .. 2^20; MHA-RoPE 100% at 2^8, 83.6% at 2^9, 31.3% at 2^10, 18.4% at 2^11."]
+    items = []
     ok = [r for r in rows if r["status"] == "ok"]
     if ok and longer:
         def at(r, L):
             v = r[f"acc@{L} %"]
             return "-" if v is None else f"{v:.0f}%"
         for r in ok:
-            lines.append(f"- {r['mixer']}: {at(r, train_len)} at the training length {train_len}; "
+            items.append(f"- {r['mixer']}: {at(r, train_len)} at the training length {train_len}; "
                          + ", ".join(f"{at(r, L)} at {L}" for L in longer) + ".")
+        lines.append("Here:\n\n" + "\n".join(items))
         checks = []
         att = next((r for r in ok if r["mixer"].startswith("attention")), None)
         ssm = next((r for r in ok if r["mixer"] == "Mamba-2"), None)
@@ -133,13 +139,18 @@ def notes(rows, ctx) -> str:
                 + (" (the published pattern)" if solved and last is not None and last < 50 else ""))
         if ssm and ssm[f"acc@{train_len} %"] is not None:
             s0, s1 = ssm[f"acc@{train_len} %"], ssm[f"acc@{longer[-1]} %"]
-            checks.append(f"Mamba-2 reaches {s0:.0f}% at the training length and {s1:.0f}% at "
-                          f"{longer[-1]}" + (" (length generalization as published)" if s0 >= 90 and s1 >= 90
+            held = [L for L in lens if (ssm[f"acc@{L} %"] or 0) >= 95]
+            checks.append(f"Mamba-2 reaches {s0:.0f}% at the training length"
+                          + (f", stays >= 95% up to {max(held)} ({max(held) // train_len}x)" if held else "")
+                          + f" and reaches {s1:.0f}% at {longer[-1]}" + (" (length generalization as published)" if s0 >= 90 and s1 >= 90
                                                else " (the published 100% at every length is not reproduced "
                                                     "at this budget)"))
         if checks:
             lines.append("Reproduced or not: " + "; ".join(checks) + ".")
-    lines.append("Differences from the paper: training length 64 instead of 256, test lengths up to 2^11 "
-                 "instead of 2^20, a few hundred steps on a CPU, Mamba-2 (SSD) instead of Mamba-1, GQA "
-                 "attention with RoPE and a SwiGLU MLP in every block.")
-    return "\n".join(lines)
+    lines.append(f"Differences from the paper: training length {train_len} instead of 256, test lengths up "
+                 f"to {lens[-1]} instead of 2^20, {SETTINGS[ctx.size][2]} steps of {SETTINGS[ctx.size][3]} "
+                 "sequences on a CPU, Mamba-2 (SSD) instead of Mamba-1, GQA attention with RoPE and a "
+                 "SwiGLU MLP in every block; the sliding-window row (window 16 at size tiny) is not in the "
+                 "paper: its two layers see at most about 2 x 16 tokens back, so it can only answer when the "
+                 "first trigger is that close, whatever the length.")
+    return "\n\n".join(lines)
