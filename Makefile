@@ -7,7 +7,9 @@ WORKDIR ?= runs/small
 # glibc malloc settings that stop XLA:CPU from returning (and re-faulting) its temporary buffers
 # every step: 1.22x faster train step on transformer.py:small (benchmarks/NOTES.md)
 MALLOC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1
-# pytest workers: 2 by default (the CI machine has 2 cores); `make test JOBS=0` runs serially
+# pytest workers: 2 by default (the CI machine has 2 cores); `make test JOBS=0` runs serially.
+# --dist loadfile keeps a test file on one worker, so its module-scoped fixtures (the 8-device and
+# multi-process children, the quick tables) run once, not once per worker.
 JOBS   ?= 2
 
 .PHONY: venv train test clean
@@ -24,7 +26,7 @@ train: venv
 	GLIBC_TUNABLES=$(MALLOC_TUNABLES) $(BIN)/efficient-arch train --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: venv
-	$(BIN)/python -m pytest -q -n $(JOBS) --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs .cache
