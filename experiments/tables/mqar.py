@@ -29,8 +29,9 @@ seq 32, vocab 128, 2 heads, batch 128, 800 steps              80% at 400, 96% at
 ==========================================================  ======================
 
 Sizes: ``quick`` (tests; seconds), ``medium`` (the committed ``results/mqar.md``: 4 mixers x 2
-widths x 1 lr), ``full`` (9 mixers x 3 widths x 3 lrs: 81 runs; extrapolated from the medium run's
-per-point times, about 5 hours on 2 idle cores).
+widths x 1 lr; 13.5 minutes here), ``full`` (9 mixers x 3 widths x 3 lrs: 81 runs; about 3 hours,
+extrapolated from the medium run's per-point times, d_model 128 taken as twice d_model 64, and the
+other mixers scaled by their measured step times; not run).
 
 Zoology Figure 2 (vocab 8192; (seq_len, pairs) in (64, 4), (128, 8), (256, 16); d_model 64-512;
 2 layers; lr in logspace(-4, -2, 4); 64 epochs of 100K examples): attention solves MQAR at every
