@@ -18,7 +18,8 @@ Mamba 100% at every length; MHA-RoPE 100% up to the training length, 83.6% at 2^
 2^11 (64x; the paper tests up to 4096x). Training length 32 rather than 64 because the signal is
 one answer per sequence: measured at 600 steps of 64 sequences, attention stays at chance (7%)
 when trained at length 64 with batch 32, and reaches 94% by step 300 at length 32 (an induction
-head forms once attention is not spread over too many positions).
+head forms once attention is not spread over too many positions). ``full``: 4 runs and 28
+evaluations, 6.5 minutes on 2 CPU cores (313 s of training, 77 s of evaluation).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ sequence length, batch and steps, so every row sees the same tokens. Columns:
   temporaries - donated buffers);
 * ``train loss`` / ``val loss`` / ``val bpb``: at the last step (validation on held-out files).
 
+``full``: 13 runs, 4-8 minutes on the shared 2-core CPU (237 s of training at load 1.3-4.0).
 ``--quick`` (the tests): two configs, 3 steps of 4 x 32 tokens.
 """
 
