@@ -37,10 +37,8 @@ import datetime
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -78,6 +76,7 @@ def run_row(name: str, size: str, warmup: int, runs: int) -> dict:
 
     from efficient_arch import flops, hardware, parallel, train
     from efficient_arch.config import finalize, load_config
+    from _timing import time_train_step
 
     peak = peaks()
     c = load_config(REPO / "experiments/configs/transformer.py", size)
@@ -90,22 +89,9 @@ def run_row(name: str, size: str, warmup: int, runs: int) -> dict:
     rng = np.random.default_rng(0)
     x = rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.seq_len + 1)).astype(np.int32)
     with jax.set_mesh(mesh):
-        run = train.build(cfg, mesh)
-        t0 = time.perf_counter()
-        compiled = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
-        compile_s = time.perf_counter() - t0
-        state = run.init_state()
-        batch = parallel.global_batch({"inputs": x[:, :-1], "targets": x[:, 1:]}, mesh, cfg.train.batch_size)
-        for _ in range(warmup):
-            state, m = compiled(state, batch)
-            jax.block_until_ready(m)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            state, m = compiled(state, batch)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
+        timed = time_train_step(train.build(cfg, mesh), x, warmup=warmup, runs=runs)
+    compiled, compile_s, times, m = (timed[k] for k in ("compiled", "compile_s", "step_times_s", "metrics"))
+    step = timed["step_time_s"]
     ana = flops.analytic_flops(cfg)
     tokens = cfg.train.batch_size * cfg.model.seq_len
     mem = hardware.memory_analysis_bytes(compiled)
