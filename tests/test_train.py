@@ -131,9 +131,17 @@ def test_overfits_one_fixed_batch(tiny_config):
 # ----------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("grad_accum,stop_at", [(1, 4), (2, 3)], ids=["accum1-stop-at-ckpt", "accum2-stop-off-ckpt"])
-def test_resume_is_bit_exact(tiny_config, corpus, tmp_path, monkeypatch, grad_accum, stop_at):
+MQAR = dict(data__source="mqar", data__path=None, data__task_vocab=64, data__n_kv_pairs=4, model__seq_len=32,
+            model__vocab_size=64, train__eval_every=4, train__eval_batches=2)
+
+
+@pytest.mark.parametrize("grad_accum,stop_at,task", [(1, 4, None), (2, 3, None), (2, 3, "mqar")],
+                         ids=["accum1-stop-at-ckpt", "accum2-stop-off-ckpt", "mqar-accum2-stop-off-ckpt"])
+def test_resume_is_bit_exact(tiny_config, corpus, tmp_path, monkeypatch, grad_accum, stop_at, task):
     """2N steps straight == N' steps, SIGTERM (the preemption path: checkpoint + SystemExit), resume.
+
+    ``task="mqar"``: the synthetic task's iterator position (its per-step example stream) and the
+    answer-only loss mask resume too; evaluation every 4 steps so val accuracy is compared.
 
     Both runs use train.steps=2N so the LR schedule is identical. The stop is triggered by raising
     SIGTERM in-process right after step ``stop_at`` is logged; the loop's own handler then finishes
@@ -141,7 +149,7 @@ def test_resume_is_bit_exact(tiny_config, corpus, tmp_path, monkeypatch, grad_ac
     resume starts from the forced checkpoint.
     """
     n = 4
-    cfg = loop_config(tiny_config, corpus, train__grad_accum=grad_accum)
+    cfg = loop_config(tiny_config, corpus, train__grad_accum=grad_accum, **(MQAR if task else {}))
     assert cfg.train.steps == 2 * n and cfg.train.ckpt_every == n
     a, b = tmp_path / "A", tmp_path / "B"
     sa = train.run_training(cfg, str(a), progress=False)
@@ -173,6 +181,9 @@ def test_resume_is_bit_exact(tiny_config, corpus, tmp_path, monkeypatch, grad_ac
     # the loss actually moves (so equality is not trivially about constant values)
     assert ra[2 * n]["loss"] < ra[1]["loss"]
     assert ra[2 * n]["val_loss"] == rb[2 * n]["val_loss"]
+    if task:
+        assert cfg.data.source == task and ra[2 * n]["val_accuracy"] == rb[2 * n]["val_accuracy"]
+        assert ra[n]["val_accuracy"] == rb[n]["val_accuracy"]
     assert sa["final_train_loss"] == sb["final_train_loss"] and sa["final_val_loss"] == sb["final_val_loss"]
 
     _, _, run = build_run(cfg)
