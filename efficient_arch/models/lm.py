@@ -21,7 +21,7 @@ from flax import nnx
 
 from efficient_arch import parallel
 from efficient_arch.models import registry
-from efficient_arch.models.layers import Embed, RMSNorm, dtype_of, param
+from efficient_arch.models.layers import Embed, RMSNorm, dtype_of, matmul, param
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -202,8 +202,7 @@ class LM(nnx.Module):
         if self.cfg.tie_embeddings:
             out = self.embed.attend(h, self.dtype)
         else:
-            out = jnp.einsum("btd,dv->btv", h.astype(self.dtype), self.head[...].astype(self.dtype),
-                             preferred_element_type=jnp.float32)
+            out = matmul("btd,dv->btv", h, self.head[...], self.dtype, out_dtype=jnp.float32)
         return parallel.constrain(out, ("batch", "seq", "act_vocab"))
 
     def __call__(self, tokens, *, segment_ids=None, positions=None):

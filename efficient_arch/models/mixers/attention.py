@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_arch import parallel
-from efficient_arch.models.layers import apply_rope, dtype_of, matmul, param, rope_angles
+from efficient_arch.models.layers import apply_rope, dot_product_attention, dtype_of, matmul, param, rope_angles
 
 
 def segment_mask(segment_ids: jax.Array | None) -> jax.Array | None:
@@ -58,8 +58,8 @@ class Attention(nnx.Module):
         q = parallel.constrain(q, ("batch", "seq", "act_heads", None))
         k = parallel.constrain(k, ("batch", "seq", "act_kv_heads", None))
         v = parallel.constrain(v, ("batch", "seq", "act_kv_heads", None))
-        o = jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
-                                         implementation="xla")
+        o = dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
+                                  dtype=self.dtype)
         o = parallel.constrain(o.astype(self.dtype), ("batch", "seq", "act_heads", None))
         return matmul("bthk,hkd->btd", o, self.wo[...], self.dtype)
 

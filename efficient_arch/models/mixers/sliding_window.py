@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_arch import parallel
-from efficient_arch.models.layers import matmul
+from efficient_arch.models.layers import dot_product_attention, matmul
 from efficient_arch.models.mixers.attention import Attention, segment_mask
 
 
@@ -134,8 +134,8 @@ class SlidingWindowAttention(Attention):
         if _uses_blocked(self.form, self.window, t):
             o = blocked_local_attention(q, k, v, self.window, segment_ids=segment_ids)
         else:
-            o = jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
-                                             local_window_size=(self.window - 1, 0), implementation="xla")
+            o = dot_product_attention(q, k, v, mask=segment_mask(segment_ids), is_causal=True,
+                                             local_window_size=(self.window - 1, 0), dtype=self.dtype)
         return self._out(o)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
