@@ -1,4 +1,4 @@
-"""Command line: ``efficient-arch train|flops|roofline|sweep|table`` (also ``python -m efficient_arch``).
+"""Command line: ``efficient-arch train|flops|roofline|sweep|table|generate`` (also ``python -m efficient_arch``).
 
     efficient-arch train --config=experiments/configs/transformer.py:small \\
         --config.model.n_layers=4 --workdir=runs/x
@@ -7,6 +7,7 @@
         --batch=1 --context=32768 [--arch=all] [--json=out.json]
     efficient-arch sweep experiments/sweeps/mqar_tiny.py --workdir runs/mqar_tiny [--parallel 2]
     efficient-arch table mqar [--quick] [--workdir runs/tables/mqar] [--out results]
+    efficient-arch generate --workdir=runs/x --prompt="def " --max_new_tokens=100 [--temperature=0.8]
 
 Config overrides use ml_collections' ``config_flags`` syntax (``--config.section.field=value``,
 typed, including None-able fields). Config errors are printed as one line naming the field and
@@ -40,6 +41,11 @@ commands:
   table   run or reuse the sweep behind a reproduced table and write results/NAME.md, .csv, .png:
           NAME [--quick | --size=SIZE] [--workdir=runs/tables/NAME] [--out=results] [--parallel=N]
           (NAME: mqar, induction, mfu_by_arch, moe_ablation, public_mfu; --list shows them)
+  generate  continue a text prompt with a trained run's latest checkpoint (prefill + cached
+          decoding) and print prefill/decode tokens/s, bytes per decoded token and bandwidth use:
+          --workdir=DIR --prompt=TEXT [--max_new_tokens=64] [--temperature=1.0] [--top_k=0]
+          [--top_p=1.0] [--seed=0] [--step=N] [--hbm_bandwidth=BYTES_PER_S] [--json=PATH]
+          (--temperature=0: greedy; --top_k=0 / --top_p=1: no filter)
 
 default config: experiments/configs/transformer.py:small
 """
@@ -362,8 +368,51 @@ def cmd_table(argv: list[str]) -> int:
     return 1 if res["failed"] else 0
 
 
+def cmd_generate(argv: list[str]) -> int:
+    """``efficient-arch generate --workdir DIR --prompt TEXT [--max_new_tokens N] [sampling flags]``.
+
+    Prints the prompt and its continuation, then the speed table (efficient_arch/generate.py).
+    Bad input exits 2 with one line naming the flag and the fix.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="efficient-arch generate",
+                                 description="Continue a prompt with a trained run (prefill + cached decoding).")
+    ap.add_argument("--workdir", default=None, help="the training run's --workdir (its latest checkpoint is used)")
+    ap.add_argument("--prompt", default=None, help="text to continue (its UTF-8 bytes are the tokens)")
+    ap.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate (default 64)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; default 1.0")
+    ap.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    ap.add_argument("--top_p", type=float, default=1.0, help="nucleus: smallest set reaching this probability "
+                    "(1.0 = all)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest committed)")
+    ap.add_argument("--hbm_bandwidth", type=float, default=None,
+                    help="memory bytes/s of the device for the utilization (default: the chip table; none on CPU)")
+    ap.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    args = ap.parse_args(argv)
+    from efficient_arch import generate as gen
+
+    if not args.workdir:
+        _die("efficient-arch generate: --workdir is required: the folder of a training run "
+             "(efficient-arch train ... --workdir=DIR), e.g. --workdir=runs/small")
+    if args.prompt is None or args.prompt == "":
+        _die("efficient-arch generate: --prompt is empty; give the text to continue, e.g. --prompt='def main('")
+    try:
+        report = gen.run_generate(args.workdir, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, step=args.step,
+                                  hbm_bandwidth=args.hbm_bandwidth)
+    except gen.GenerateError as e:
+        _die(f"efficient-arch generate: {e}")
+    gen.print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "flops": cmd_flops, "roofline": cmd_roofline, "sweep": cmd_sweep,
-            "table": cmd_table}
+            "table": cmd_table, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

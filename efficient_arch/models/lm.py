@@ -88,6 +88,14 @@ class Block(nnx.Module):
         y, _ = self.ffn(self.ffn_norm(x))
         return x + y, cache
 
+    def prefill(self, x, cache):
+        """The prompt ``x [B, T, d_model]`` through the block, the mixer in its parallel form
+        filling ``cache`` (``mixer.prefill``). Returns ``([B, T, d_model], cache)``."""
+        y, cache = self.mixer.prefill(self.mixer_norm(x), cache)
+        x = x + y
+        y, _ = self.ffn(self.ffn_norm(x))
+        return x + y, cache
+
 
 class Group(nnx.Module):
     """One repetition of :func:`group_blocks`: a list of blocks applied in order.
@@ -117,6 +125,13 @@ class Group(nnx.Module):
         new = []
         for blk, c in zip(self.blocks, caches):
             x, c = blk.decode(x, c, position=position)
+            new.append(c)
+        return x, new
+
+    def prefill(self, x, caches):
+        new = []
+        for blk, c in zip(self.blocks, caches):
+            x, c = blk.prefill(x, c)
             new.append(c)
         return x, new
 
@@ -241,6 +256,46 @@ class LM(nnx.Module):
                 return nnx.merge(graphdef, group_state).decode(h, group_cache, position=position)
 
             x, new_cache[name] = jax.lax.scan(body, x, (stacked, cache[name]))
+        return self.logits(self.final_norm(x)), new_cache
+
+    def prefill(self, tokens, cache: dict, *, all_logits: bool = False):
+        """The prompt in one parallel pass, producing the caches decoding continues from.
+
+        Every mixer runs its ``prefill`` (attention: causal attention over the prompt with its
+        keys/values written into the KV cache; recurrent mixers: the chunked form returning the
+        final state and conv tails), through the same scan over the stacked layer groups as
+        :meth:`decode`. Afterwards ``decode(tokens[:, T:T+1], cache, position=T)`` continues the
+        sequence exactly as if the prompt had been decoded token by token.
+
+        Args:
+          tokens: int32 ``[B, T]``, the prompt at positions ``0 .. T - 1`` (``T >= 1``).
+          cache: a fresh :meth:`init_cache` ``(B, max_len)`` with ``max_len >= T``.
+          all_logits: return the logits of every prompt position instead of the last one only.
+        Returns:
+          ``(logits float32 [B, T or 1, vocab_size], cache)``: equal (up to float rounding) to
+          the full forward pass's logits at those positions.
+        Raises:
+          ValueError: the prompt does not fit an attention cache (``T > max_len``).
+          AttributeError: a mixer without ``prefill`` (the message names it): there is no silent
+            fallback to another path.
+        """
+        for _, stack in self._stacks():
+            for blk in stack.blocks:
+                if not hasattr(blk.mixer, "prefill"):
+                    raise AttributeError(f"mixer {type(blk.mixer).__name__} has no prefill(x, cache); "
+                                         "add one (parallel form returning its decode cache)")
+        x = self.embed(tokens, self.dtype)
+        new_cache = {}
+        for name, stack in self._stacks():
+            graphdef, stacked = nnx.split(stack)
+
+            def body(h, layer, graphdef=graphdef):
+                group_state, group_cache = layer
+                return nnx.merge(graphdef, group_state).prefill(h, group_cache)
+
+            x, new_cache[name] = jax.lax.scan(body, x, (stacked, cache[name]))
+        if not all_logits:
+            x = x[:, -1:]
         return self.logits(self.final_norm(x)), new_cache
 
 

@@ -93,6 +93,29 @@ class Attention(nnx.Module):
         o = jnp.where(pos < cache["k"].shape[1], o, jnp.nan)
         return matmul("bthk,hkd->btd", o.astype(self.dtype), self.wo[...], self.dtype), cache
 
+    def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """The prompt in the parallel form, filling the KV cache for decoding.
+
+        Args:
+          x: ``[B, T, d_model]`` (compute dtype), the tokens at positions ``0 .. T - 1``.
+          cache: a fresh :meth:`init_cache` ``(B, max_len)`` (its contents are overwritten).
+        Returns:
+          ``(y [B, T, d_model], cache)``: ``y`` is ``__call__(x)`` (causal attention over the
+          prompt); cache slots ``0 .. T - 1`` hold the prompt's keys (RoPE applied) and values,
+          as :meth:`decode` at positions ``0 .. T - 1`` would have written them.
+        Raises:
+          ValueError: ``T > max_len`` (the prompt does not fit the cache).
+        """
+        t, max_len = x.shape[1], cache["k"].shape[1]
+        if t > max_len:
+            raise ValueError(f"attention prefill: the prompt has {t} tokens but the KV cache holds "
+                             f"{max_len}; allocate init_cache(batch, max_len >= {t})")
+        q, k, v = self._qkv(x, jnp.arange(t, dtype=jnp.int32))
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+        cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), 0, axis=1),
+                 "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), 0, axis=1)}
+        return matmul("bthk,hkd->btd", o.astype(self.dtype), self.wo[...], self.dtype), cache
+
     @staticmethod
     def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:
         """Forward FLOPs per token of one attention layer.

@@ -108,6 +108,23 @@ class Based(nnx.Module):
         o1, s = gla_step(fq, fk, v1, None, cache["state"])
         return self._output(o1)[:, None], {"state": s}
 
+    def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """The prompt in the chunked form, returning the recurrent state for decoding.
+
+        Args:
+          x: ``[B, T, d_model]`` (compute dtype), the tokens after the cache's (positions
+            ``0 .. T - 1`` for a fresh :meth:`init_cache`).
+          cache: ``{"state": [B, H, 1+F+F^2, head_dim+1] float32}``, the initial state.
+        Returns:
+          ``(y [B, T, d_model], {"state": final state})`` from one
+          :func:`~efficient_arch.ops.linear_recurrence.gated_linear_attention` call,
+          ``form="chunked"`` with ``cfg.chunk_size``.
+        """
+        fq, fk, v1 = self._features(x)
+        o1, s = gated_linear_attention(fq, fk, v1, None, initial_state=cache["state"], form="chunked",
+                                       chunk_size=self.chunk_size)
+        return self._output(o1), {"state": s}
+
     @staticmethod
     def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:
         """Forward FLOPs per token of the form ``cfg.mixer_form`` executes.

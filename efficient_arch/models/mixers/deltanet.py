@@ -155,6 +155,31 @@ class DeltaNet(nnx.Module):
                                    None if ld is None else ld[:, 0], cache["state"])
         return self._output(x, o[:, None]), {"conv": conv, "state": state}
 
+    def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """The prompt in the chunked (UT-transform) form, returning the conv tail and the state.
+
+        Args:
+          x: ``[B, T, d_model]`` (compute dtype), the tokens after the cache's (positions
+            ``0 .. T - 1`` for a fresh :meth:`init_cache`).
+          cache: ``conv [B, conv_width - 1, 3 H hd]`` (the last conv inputs) and
+            ``state [B, H, hd, hd]`` float32 (the initial state).
+        Returns:
+          ``(y [B, T, d_model], cache)``: the conv continues after the cached tail
+          (:func:`~efficient_arch.models.mixers.mamba2.conv_prefill`) and keeps the prompt's last
+          ``conv_width - 1`` inputs; the recurrence is one
+          :func:`~efficient_arch.ops.delta_rule.delta_rule` call, ``form="chunked"`` with
+          ``cfg.chunk_size``, returning its final state.
+        """
+        from efficient_arch.models.mixers.mamba2 import conv_prefill
+
+        b, t, _ = x.shape
+        qkv = matmul("btd,dhck->bthck", x, self.w_qkv[...], self.dtype).reshape(b, t, -1)
+        qkv, conv = conv_prefill(qkv, cache["conv"], self._conv_weight())
+        q, k, v = self._qkv(qkv)
+        o, state = delta_rule(q, k, v, self._beta(x), self._log_decay(x), initial_state=cache["state"],
+                              form="chunked", chunk_size=self.chunk_size)
+        return self._output(x, o), {"conv": conv, "state": state}
+
     @classmethod
     def flops_per_token(cls, cfg, seq_len: int, *, attention: str = "causal") -> float:
         """Forward FLOPs per token of one layer (``attention`` is ignored: no softmax attention).

@@ -99,6 +99,23 @@ class GLA(nnx.Module):
         o, s = gla_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], cache["state"])
         return gated_output(o[:, None], gate, self.norm[...], self.wo[...], self.eps, self.dtype), {"state": s}
 
+    def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """The prompt in the chunked form, returning the recurrent state for decoding.
+
+        Args:
+          x: ``[B, T, d_model]`` (compute dtype), the tokens after the cache's (positions
+            ``0 .. T - 1`` for a fresh :meth:`init_cache`).
+          cache: ``{"state": [B, H, hd, hd] float32}``, the initial state.
+        Returns:
+          ``(y [B, T, d_model], {"state": final state})`` from one
+          :func:`~efficient_arch.ops.linear_recurrence.gated_linear_attention` call (vector
+          decay), ``form="chunked"`` with ``cfg.chunk_size``.
+        """
+        q, k, v, gate, log_decay = self._project(x)
+        o, s = gated_linear_attention(q, k, v, log_decay, initial_state=cache["state"], form="chunked",
+                                      chunk_size=self.chunk_size)
+        return gated_output(o, gate, self.norm[...], self.wo[...], self.eps, self.dtype), {"state": s}
+
     @staticmethod
     def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:
         """Forward matmul FLOPs per token.

@@ -104,6 +104,23 @@ class LinearAttention(nnx.Module):
         o, s = gla_step(q[:, 0], k[:, 0], v[:, 0], None, cache["state"])
         return self._out(o[:, None]), {"state": s}
 
+    def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """The prompt in the chunked form, returning the recurrent state for decoding.
+
+        Args:
+          x: ``[B, T, d_model]`` (compute dtype), the tokens after the cache's (positions
+            ``0 .. T - 1`` for a fresh :meth:`init_cache`).
+          cache: ``{"state": [B, H, K_f, head_dim + normalize] float32}``, the initial state.
+        Returns:
+          ``(y [B, T, d_model], {"state": final state})`` from one
+          :func:`~efficient_arch.ops.linear_recurrence.gated_linear_attention` call,
+          ``form="chunked"`` with ``cfg.chunk_size`` (whatever ``mixer_form`` trains with).
+        """
+        q, k, v = self._qkv(x)
+        o, s = gated_linear_attention(q, k, v, None, initial_state=cache["state"], form="chunked",
+                                      chunk_size=self.chunk_size)
+        return self._out(o), {"state": s}
+
     @staticmethod
     def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:
         """Forward matmul FLOPs per token.

@@ -77,6 +77,32 @@ class ShortConv(nnx.Module):
                              self.bias[...].reshape(-1))
         return y.reshape(x_t.shape), state
 
+    def prefill(self, x, tail):
+        """``x [B, T, *channels]``, ``tail [B, W-1, C]`` -> ``(y [B, T, *channels], tail)``
+        (:func:`conv_prefill`)."""
+        b, t = x.shape[:2]
+        w = self.weight[...]
+        y, tail = conv_prefill(x.reshape(b, t, -1), tail, w.reshape(w.shape[0], -1), self.bias[...].reshape(-1))
+        return y.reshape(x.shape), tail
+
+
+def conv_prefill(x: jax.Array, tail: jax.Array, weight: jax.Array, bias: jax.Array | None = None):
+    """:func:`~efficient_arch.ops.conv.causal_conv1d` over ``x`` continuing after ``tail``.
+
+    Args:
+      x: ``[B, T, C]``; tail: ``[B, W - 1, C]`` the ``W - 1`` inputs before ``x`` (oldest first;
+        zeros at the start of a sequence, which is the op's zero padding); weight ``[W, C]``;
+        bias optional ``[C]``.
+    Returns:
+      ``(y [B, T, C] in x.dtype, new tail [B, W - 1, C] in tail.dtype)``: the conv outputs of
+      ``x``'s tokens and the last ``W - 1`` inputs, the ``conv_state`` of
+      :func:`~efficient_arch.ops.conv.conv_step`.
+    """
+    n = tail.shape[1]
+    full = jnp.concatenate([tail.astype(x.dtype), x], axis=1)
+    y = causal_conv1d(full, weight, bias)[:, n:]
+    return y, full[:, full.shape[1] - n:].astype(tail.dtype)
+
 
 class GatedRMSNorm(nnx.Module):
     """``RMSNorm(y * silu(z))`` over the whole inner width (``ngroups = 1``), scale ``[H, P]``.
@@ -197,6 +223,28 @@ class Mamba2(nnx.Module):
         y, s = gla_step(q, k, v, log_decay, cache["ssm"])
         out = self._output(y, xs, z)
         return out[:, None], {"conv_x": cx, "conv_bc": cbc, "ssm": s}
+
+    def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """The prompt in the chunked (SSD) form, returning the conv tails and the SSM state.
+
+        Args:
+          x: ``[B, T, d_model]`` (compute dtype), the tokens after the cache's (positions
+            ``0 .. T - 1`` for a fresh :meth:`init_cache`).
+          cache: :meth:`init_cache`'s ``conv_x``, ``conv_bc`` (the last ``W - 1`` conv inputs)
+            and ``ssm [B, H, N, P]`` float32 (the initial state).
+        Returns:
+          ``(y [B, T, d_model], cache)``: the convs continue after the cached tails
+          (:func:`conv_prefill`) and keep the prompt's last ``W - 1`` inputs; the SSM is one
+          :func:`~efficient_arch.ops.linear_recurrence.gated_linear_attention` call,
+          ``form="chunked"`` with ``cfg.chunk_size``, returning its final state.
+        """
+        z, xs, bc, dt_raw = self._project(x)
+        xs, cx = self.conv_x.prefill(xs, cache["conv_x"])
+        bc, cbc = self.conv_bc.prefill(bc, cache["conv_bc"])
+        q, k, v, log_decay, xs = self._ssm_inputs(xs, bc, dt_raw)
+        y, s = gated_linear_attention(q, k, v, log_decay, initial_state=cache["ssm"], form="chunked",
+                                      chunk_size=self.chunk_size)
+        return self._output(y, xs, z), {"conv_x": cx, "conv_bc": cbc, "ssm": s}
 
     @staticmethod
     def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:

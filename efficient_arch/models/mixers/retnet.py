@@ -92,6 +92,25 @@ class Retention(nnx.Module):
         o, s = gla_step(q[:, 0], k[:, 0], v[:, 0], log_decay, cache["state"])
         return gated_output(o[:, None], gate, self.norm[...], self.wo[...], self.eps, self.dtype), {"state": s}
 
+    def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """The prompt (positions ``0 .. T - 1``) in the chunked form, returning the state.
+
+        Args:
+          x: ``[B, T, d_model]`` (compute dtype); the rotation uses positions ``arange(T)``, so
+            the cache must be a fresh :meth:`init_cache` (the prompt starts the sequence).
+          cache: ``{"state": [B, H, hd, hd] float32}``.
+        Returns:
+          ``(y [B, T, d_model], {"state": final state})`` from one
+          :func:`~efficient_arch.ops.linear_recurrence.gated_linear_attention` call,
+          ``form="chunked"`` with ``cfg.chunk_size``.
+        """
+        b, t, _ = x.shape
+        q, k, v, gate = self._project(x, jnp.arange(t, dtype=jnp.int32))
+        log_decay = jnp.broadcast_to(jnp.asarray(self.log_gamma, jnp.float32), (b, t, self.n_heads))
+        o, s = gated_linear_attention(q, k, v, log_decay, initial_state=cache["state"], form="chunked",
+                                      chunk_size=self.chunk_size)
+        return gated_output(o, gate, self.norm[...], self.wo[...], self.eps, self.dtype), {"state": s}
+
     @staticmethod
     def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:
         """Forward matmul FLOPs per token.

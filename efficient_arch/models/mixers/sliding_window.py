@@ -163,6 +163,37 @@ class SlidingWindowAttention(Attention):
         o = jax.nn.dot_product_attention(q, ck, cv, mask=valid, implementation="xla")
         return self._out(o), {"k": ck, "v": cv}
 
+    def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """The prompt in the training form (blocked or quadratic, as ``__call__``), filling the
+        ring buffer for decoding.
+
+        Args:
+          x: ``[B, T, d_model]`` (compute dtype), the tokens at positions ``0 .. T - 1``.
+          cache: a fresh :meth:`init_cache` ring buffer ``[B, S, n_kv_heads, head_dim]``.
+        Returns:
+          ``(y [B, T, d_model], cache)``: ``y`` is ``__call__(x)``; the last ``min(S, T)``
+          prompt positions ``p`` hold their key/value in slot ``p mod S``, as :meth:`decode`
+          at positions ``0 .. T - 1`` would have left them.
+        Raises:
+          ValueError: the buffer is shorter than the window (``S = max_len < window_size``) and
+            the prompt longer than it: the cache cannot hold the keys the next token sees.
+        """
+        t, s = x.shape[1], cache["k"].shape[1]
+        if s < self.window and t > s:
+            raise ValueError(f"sliding_window prefill: the prompt has {t} tokens but the cache holds "
+                             f"{s} < window_size={self.window}; allocate init_cache(batch, max_len >= {t})")
+        q, k, v = self._qkv(x, jnp.arange(t, dtype=jnp.int32))
+        if _uses_blocked(self.form, self.window, t):
+            o = blocked_local_attention(q, k, v, self.window)
+        else:
+            o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(self.window - 1, 0),
+                                             implementation="xla")
+        n = min(s, t)
+        slots = jnp.arange(t - n, t) % s  # static: the last n positions, distinct slots
+        cache = {"k": cache["k"].at[:, slots].set(k[:, t - n:].astype(cache["k"].dtype)),
+                 "v": cache["v"].at[:, slots].set(v[:, t - n:].astype(cache["v"].dtype))}
+        return self._out(o), cache
+
     @staticmethod
     def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:
         """Forward FLOPs per token: projections + ``4 n_heads head_dim T_eff``.
