@@ -27,6 +27,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 MIXER_FORMS = ("chunked", "recurrent", "quadratic")
 FEATURE_MAPS = ("identity", "elu", "taylor")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANT_MODES = ("none", "fp8")  # models/layers.py: matmul precision beyond the compute dtype
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # models/layers.py: attention_implementation
 ATTENTION_CONVENTIONS = ("causal", "full")
 TASK_SOURCES = ("mqar", "induction", "selective_copy")  # synthetic tasks (data/synthetic.py)
 DATA_SOURCES = ("stdlib", "text", "memmap") + TASK_SOURCES
@@ -75,6 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
     m.scan_layers = True  # False unrolls the layer loop (same numbers, compile grows with depth)
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"
+    m.quant = "none"  # "none" | "fp8": projection/MLP matmuls in FP8 (E4M3 fwd, E5M2 grads; qwix)
+    m.attention_impl = "auto"  # "auto" (cuDNN fused on GPU when it qualifies) | "xla" | "cudnn"
     m.rope_theta = 10000.0
     m.norm_eps = 1e-6
     m.init_std = 0.02
@@ -278,6 +282,21 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
     for n in ("dtype", "param_dtype"):
         if m[n] not in DTYPES:
             _fail(f"model.{n}", m[n], f"choose one of {DTYPES}")
+    if m.quant not in QUANT_MODES:
+        _fail("model.quant", m.quant, f"choose one of {QUANT_MODES} ('fp8': FP8 training of the projection and "
+              "MLP matmuls; the compute dtype model.dtype covers the rest)")
+    if m.quant == "fp8":
+        if m.param_dtype != "float32":
+            _fail("model.param_dtype", m.param_dtype, "model.quant='fp8' keeps float32 master weights (FP8 copies "
+                  "are made per step); set --config.model.param_dtype=float32")
+        try:
+            import qwix  # noqa: F401  (the FP8 dot is qwix's quantized-training dot_general)
+        except ImportError as e:
+            _fail("model.quant", m.quant, f"needs the qwix package ({e}); pip install 'qwix>=0.1.8,<0.2' "
+                  "or set --config.model.quant=none")
+    if m.attention_impl not in ATTENTION_IMPLS:
+        _fail("model.attention_impl", m.attention_impl, f"choose one of {ATTENTION_IMPLS} ('auto': cuDNN fused "
+              "attention on a GPU where it qualifies, else XLA; 'xla': always XLA; 'cudnn': cuDNN or an error)")
     mixers = registry.mixer_names()
     pattern = list(m.layer_pattern) if m.layer_pattern is not None else [m.mixer]
     for name in pattern:

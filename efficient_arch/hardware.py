@@ -49,6 +49,7 @@ __all__ = [
     "lookup_hbm_bandwidth",
     "calibrate_cpu_peak",
     "peak_flops_per_device",
+    "peak_flops_for_policy",
     "mfu",
     "normalize_cost_analysis",
     "memory_analysis_bytes",
@@ -697,6 +698,48 @@ def peak_flops_per_device(
             return peak / n_local, f"{label}, divided by the {n_local} CPU devices sharing it"
         return peak, label
     return lookup_peak(device.device_kind, dtype)
+
+
+def peak_flops_for_policy(
+    dtype: str,
+    quant: str = "none",
+    *,
+    override: float | None = None,
+    device: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[float, str]:
+    """Peak FLOP/s of one device for MFU under a precision policy (``model.dtype``, ``model.quant``).
+
+    ``quant="none"``: :func:`peak_flops_per_device` of ``dtype``. ``quant="fp8"``: the chip's
+    dense ``"fp8"`` peak from ``PEAK_FLOPS`` (H100/H200: 1979e12, twice bfloat16), since the
+    projection matmuls run on FP8 tensor cores. On a CPU there is no FP8 matmul hardware: XLA
+    converts the FP8 operands to float32 (FP8 is simulated, fake-quantized), so the peak is the
+    measured calibration of ``dtype`` and the label says "FP8 simulated".
+
+    Args:
+      dtype: compute dtype (``model.dtype``).
+      quant: ``model.quant``: "none" | "fp8".
+      override, device, cache_dir: as :func:`peak_flops_per_device` (an override wins).
+    Returns:
+      (FLOP/s per device, source label).
+    Raises:
+      ValueError: unknown ``quant``.
+      UnknownAcceleratorError: an accelerator without a published FP8 peak (A100, TPUs) and no
+        override; the message names ``--config.flops.peak_flops``.
+    """
+    if quant not in ("none", "fp8"):
+        raise ValueError(f"quant={quant!r}: choose 'none' or 'fp8' (config.model.quant)")
+    if quant == "none" or override is not None:
+        return peak_flops_per_device(dtype, override=override, device=device, cache_dir=cache_dir)
+    if device is None:
+        import jax
+
+        device = jax.devices()[0]
+    if getattr(device, "platform", "") == "cpu":
+        peak, label = peak_flops_per_device(dtype, device=device, cache_dir=cache_dir)
+        return peak, (f"FP8 simulated on CPU (fake-quantized, no FP8 matmul hardware): MFU against the "
+                      f"{canonical_dtype(dtype)} peak, {label}")
+    return lookup_peak(device.device_kind, "fp8")
 
 
 # ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from efficient_arch import parallel
 from efficient_arch.config import TASK_SOURCES
 from efficient_arch.ops import scan as scan_lib
+from efficient_arch.models.layers import describe_precision
 from efficient_arch.models.lm import apply_step_stats, new_model
 
 # not weight-decayed: norm scales, biases, and SSM decay / skip parameters (Mamba-2 practice), and
@@ -266,7 +267,7 @@ class _StopFlag:
 # accounting; where the data and its cache live -- the data's content is checked by fingerprint)
 # or extend it (train.steps). The NaN policy only acts on a step that would otherwise stop the run.
 RESUMABLE_CHANGES = (
-    "model.remat", "model.scan_layers", "model.dtype",
+    "model.remat", "model.scan_layers", "model.dtype", "model.attention_impl",
     "train.steps", "train.grad_accum", "train.log_every", "train.eval_every", "train.ckpt_every",
     "train.keep_ckpts", "train.nan_policy", "train.max_skipped_steps",
     "data.path", "data.cache_dir", "mesh.*", "distributed.*", "flops.*",
@@ -504,7 +505,7 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     say(f"data: {info.get('source', cfg.data.source)} {info.get('n_train_tokens', 0):,} train / "
         f"{info.get('n_val_tokens', 0):,} val tokens, fingerprint {info.get('fingerprint')}")
     # the peak is measured before a mesh is in context (the calibration matmul runs on one device)
-    peak, peak_src = hardware.peak_flops_per_device(cfg.model.dtype, override=cfg.flops.peak_flops)
+    peak, peak_src = hardware.peak_flops_for_policy(cfg.model.dtype, cfg.model.quant, override=cfg.flops.peak_flops)
     mesh = parallel.make_mesh(cfg, devices)
     run = build(cfg, mesh)
 
@@ -643,6 +644,7 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
         "xla_vs_analytic_hardware": xla["xla_flops_per_step"] / ana["hardware_flops_per_step"],
         "peak_flops_per_s": peak,
         "peak_flops_source": peak_src,
+        "precision": describe_precision(cfg.model, jax.devices()[0].platform),
         "mfu": ana["model_flops_per_step"] / step_time / (n_dev * peak),
         "hfu": ana["hardware_flops_per_step"] / step_time / (n_dev * peak),
         "device_kind": jax.devices()[0].device_kind,

@@ -130,3 +130,214 @@ def test_bf16_train_step_runs_every_dot_in_bf16(tiny_config):
     types = _dot_operand_types(hlo)
     assert len(types) >= 20, types  # 2 layers x (4 projections + 2 attention products) x 3 + head x 3
     assert all(t == ("bf16", "bf16") for t in types), types
+
+
+# ----------------------------------------------------------------------------- FP8 (model.quant)
+
+from efficient_arch import hardware  # noqa: E402
+from efficient_arch.config import ConfigError  # noqa: E402
+from efficient_arch.models import layers  # noqa: E402
+
+E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
+
+
+def _fake_quant(a, axes, qtype=jnp.float8_e4m3fn):
+    """Reference FP8 round trip: scale by the absmax over ``axes`` (the contracted axes; one
+    scale per remaining channel), round to ``qtype``, scale back (float32)."""
+    a = jnp.asarray(a, jnp.float32)
+    scale = jnp.max(jnp.abs(a), axis=axes, keepdims=True) / float(jnp.finfo(qtype).max)
+    return (a / scale).astype(qtype).astype(jnp.float32) * scale
+
+
+def test_fp8_einsum_is_the_e4m3_round_trip():
+    """Forward: fp8_einsum == the float32 einsum of activations and weights rounded to the E4M3
+    grid with one absmax scale per token / per output channel; it differs from the exact product
+    by FP8 rounding (so quantization is really applied) and stays within FP8 tolerance of it."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 32)), jnp.float32)
+    w = jnp.asarray(0.02 * rng.standard_normal((32, 3, 16)), jnp.float32)
+    y = layers.fp8_einsum("btd,dhk->bthk", x, w)
+    want = jnp.einsum("btd,dhk->bthk", _fake_quant(x, (2,)), _fake_quant(w, (0,)))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    exact = jnp.einsum("btd,dhk->bthk", x, w)
+    err = float(jnp.max(jnp.abs(y - exact)) / jnp.max(jnp.abs(exact)))
+    assert 1e-3 < err < 0.08, err  # E4M3: 3 mantissa bits, relative step 2^-3 at worst per operand
+    # the quantized weights sit on the E4M3 grid: rescaled, they are exact float8 values
+    wq = _fake_quant(w, (0,))
+    scale = jnp.max(jnp.abs(w), axis=0, keepdims=True) / E4M3_MAX
+    grid = wq / scale
+    np.testing.assert_allclose(grid, grid.astype(jnp.float8_e4m3fn).astype(jnp.float32), rtol=1e-6)
+    assert len(np.unique(np.abs(np.asarray(grid.astype(jnp.float8_e4m3fn).astype(jnp.float32))))) <= 127
+    assert float(jnp.max(jnp.abs(grid))) == pytest.approx(E4M3_MAX, rel=1e-6)  # absmax maps to 448
+
+
+def test_fp8_matmul_gradients_are_e5m2_and_close():
+    """Backward: both gradient dots take an E5M2 gradient and an E4M3 operand; the gradients come
+    back in the inputs' dtypes and lie within FP8 tolerance of the float64 gradients."""
+    rng = np.random.default_rng(1)
+    spec = "btd,dhk->bthk"
+    x, w = rng.standard_normal((2, 8, 32)), 0.02 * rng.standard_normal((32, 3, 16))
+    gout = rng.standard_normal((2, 8, 3, 16))
+    with jax.enable_x64(True):
+        want = jax.grad(lambda x, w: jnp.sum(jnp.einsum(spec, x, w) * gout), argnums=(0, 1))(x, w)
+
+    def loss(x, w):
+        return jnp.sum(layers.matmul(spec, x, w, jnp.bfloat16, quant="fp8").astype(jnp.float32) * gout)
+
+    xb, wf = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.float32)
+    dx, dw = jax.grad(loss, argnums=(0, 1))(xb, wf)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    for got, ref in ((dx, want[0]), (dw, want[1])):
+        ref = np.asarray(ref)
+        err = np.abs(np.asarray(got, np.float64) - ref).max() / np.abs(ref).max()
+        assert 1e-3 < err < 0.1, err
+    dots = _dot_dtypes(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(xb, wf).jaxpr)
+    assert dots == {("float8_e4m3fn", "float8_e4m3fn"): 1, ("float8_e5m2", "float8_e4m3fn"): 2}, dots
+
+
+def _dot_dtypes(jaxpr) -> dict:
+    """{(lhs dtype, rhs dtype): count} of every dot_general in a jaxpr, sub-jaxprs included (a
+    scan body counted once)."""
+    out: dict = {}
+
+    def walk(j):
+        for e in j.eqns:
+            if e.primitive.name == "dot_general":
+                key = tuple(str(v.aval.dtype) for v in e.invars)
+                out[key] = out.get(key, 0) + 1
+            for p in e.params.values():
+                for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+                    elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        walk(sub.jaxpr)
+
+    walk(jaxpr)
+    return out
+
+
+def test_fp8_lm_forward_close_to_bf16_and_only_projections_quantized(tiny_config):
+    """Tiny LM (attention + SwiGLU, 2 layers in a scan): FP8 logits within FP8 tolerance of the bf16
+    logits but not equal; in the loss gradient's jaxpr the 5 projections of the scanned block run
+    E4M3 forward and E5M2 x E4M3 backward, while the attention products and the LM head stay bf16."""
+    from flax import nnx
+
+    from efficient_arch.models.lm import new_model
+
+    tok = (jnp.arange(64).reshape(4, 16) * 7) % 264
+    logits, grads = {}, {}
+    for quant in ("none", "fp8"):
+        cfg = finalize(tiny_config(model__dtype="bfloat16", model__quant=quant))
+        graphdef, state = nnx.split(new_model(cfg.model, 0))
+
+        def loss(state, tok):
+            lg, _ = nnx.merge(graphdef, state)(tok)
+            return jnp.mean(jax.nn.logsumexp(lg, axis=-1) - lg[..., 0]), lg
+
+        (_, logits[quant]), grads[quant] = jax.jit(jax.value_and_grad(loss, has_aux=True))(state, tok)
+        if quant == "fp8":
+            dots = _dot_dtypes(jax.make_jaxpr(jax.grad(lambda s, t: loss(s, t)[0]))(state, tok).jaxpr)
+    diff = float(jnp.max(jnp.abs(logits["fp8"] - logits["none"])))
+    assert 1e-4 < diff < 0.05 * float(jnp.max(jnp.abs(logits["none"]))) + 0.02, diff
+    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["fp8"])):
+        assert float(jnp.max(jnp.abs(a - b))) <= 0.15 * float(jnp.max(jnp.abs(a))) + 1e-6
+    # per scanned block: q, kv, o, gate_up, down (x1 forward, x2 backward); attention scores and
+    # probabilities x values (x3) and the tied head (x3) in bf16
+    assert dots == {("float8_e4m3fn", "float8_e4m3fn"): 5, ("float8_e5m2", "float8_e4m3fn"): 10,
+                    ("bfloat16", "bfloat16"): 9}, dots
+
+
+def test_fp8_tiny_training_loss_falls(tiny_config):
+    """30 FP8 train steps (bf16 compute) on one fixed batch: the loss falls from ~ln(V) as the bf16
+    run's does, and stays finite."""
+    cfg = finalize(tiny_config(model__dtype="bfloat16", model__quant="fp8", model__seq_len=32, train__lr=1e-2,
+                               train__steps=30, train__warmup_steps=5, flops__peak_flops=1e12), 1)
+    mesh = parallel.make_mesh(cfg, devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 33)).astype(np.int32)
+    with jax.set_mesh(mesh):
+        run = train.build(cfg, mesh)
+        batch = parallel.global_batch({"inputs": x[:, :-1], "targets": x[:, 1:]}, mesh, 4)
+        state = run.init_state()
+        losses = []
+        for _ in range(30):
+            state, m = run.train_step(state, batch)
+            losses.append(float(m["loss"]))
+    assert all(np.isfinite(losses)), losses
+    assert losses[0] > 5.0 and losses[-1] < 0.5 * losses[0], losses[::5]
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("model__quant", "int4", "config.model.quant='int4': choose one of ('none', 'fp8')"),
+    ("model__attention_impl", "flash", "config.model.attention_impl='flash': choose one of"),
+])
+def test_precision_config_errors(tiny_config, field, value, needle):
+    with pytest.raises(ConfigError) as e:
+        finalize(tiny_config(**{field: value}))
+    assert needle in str(e.value)
+
+
+def test_fp8_needs_float32_master_weights(tiny_config):
+    with pytest.raises(ConfigError, match=r"config.model.param_dtype='bfloat16': model.quant='fp8' keeps "
+                                          r"float32 master weights.*param_dtype=float32"):
+        finalize(tiny_config(model__quant="fp8", model__param_dtype="bfloat16"))
+
+
+def test_fp8_mfu_peak_is_the_fp8_peak_or_says_simulated(tmp_path):
+    """quant=fp8: an H200 takes its dense FP8 peak (2x bf16); an A100 (no FP8) is an error naming
+    the override; a CPU takes its measured compute-dtype peak and says FP8 is simulated."""
+    class Dev:
+        platform, device_kind = "gpu", "NVIDIA H200"
+
+    assert hardware.peak_flops_for_policy("bfloat16", "fp8", device=Dev())[0] == 1979e12
+    assert hardware.peak_flops_for_policy("bfloat16", "none", device=Dev())[0] == 989e12
+    Dev.device_kind = "NVIDIA A100-SXM4-80GB"
+    with pytest.raises(hardware.UnknownAcceleratorError, match="peak_flops"):
+        hardware.peak_flops_for_policy("bfloat16", "fp8", device=Dev())
+    assert hardware.peak_flops_for_policy("bfloat16", "fp8", override=5e12, device=Dev()) == (5e12, "user-given")
+    cache = tmp_path / "cpu_peak.json"
+    (tmp_path).mkdir(exist_ok=True)
+    peak, label = hardware.peak_flops_for_policy("bfloat16", "fp8", device=jax.devices("cpu")[0], cache_dir=tmp_path)
+    assert peak > 0 and label.startswith("FP8 simulated on CPU") and "bfloat16" in label
+    del cache
+    desc = layers.describe_precision({"dtype": "bfloat16", "param_dtype": "float32", "quant": "fp8"}, "cpu")
+    assert desc.startswith("params float32, compute bfloat16, projection/MLP matmuls FP8") and "simulated" in desc
+
+
+# ----------------------------------------------------------------------------- attention kernel choice
+
+
+def test_attention_implementation_choice():
+    """xla on CPU; cuDNN on a GPU for bf16/fp16 inputs that qualify; xla (with the reason) when
+    they do not; 'xla' forces XLA; 'cudnn' where it cannot run is an error naming the field."""
+    kw = dict(dtype=jnp.bfloat16, head_dim=64, seq_q=128, seq_k=128)
+    assert layers.attention_implementation(platform="cpu", **kw)[0] == "xla"
+    assert layers.attention_implementation(platform="gpu", **kw) == ("cudnn", "")
+    assert layers.attention_implementation(platform="gpu", **kw, has_mask=True, local_window_size=(63, 0))[0] == "cudnn"
+    assert layers.attention_implementation(platform="gpu", **kw, requested="xla")[0] == "xla"
+    for change, needle in [({"dtype": jnp.float32}, "float32"), ({"head_dim": 12}, "head_dim 12"),
+                           ({"head_dim": 512}, "head_dim 512"), ({"seq_q": 7, "seq_k": 7, "has_mask": True}, "odd"),
+                           ({"seq_k": 64}, "causal with 128 queries and 64 keys")]:
+        impl, why = layers.attention_implementation(platform="gpu", **{**kw, **change})
+        assert impl == "xla" and needle in why, (change, why)
+    with pytest.raises(ValueError, match="attention_impl='cudnn'.*platform 'cpu'.*attention_impl=auto"):
+        layers.attention_implementation(platform="cpu", **kw, requested="cudnn")
+
+
+def test_attention_cudnn_failure_at_trace_time_falls_back_to_xla(monkeypatch, caplog):
+    """Pretending to be on a GPU on this CPU: jax's cuDNN path raises while tracing ("cuDNN is not
+    detected"), the XLA form runs instead (same values as asking for xla) with one warning; with
+    attention_impl='cudnn' the failure is an error, never a silent substitute."""
+    monkeypatch.setattr(layers, "_backend", lambda: "gpu")
+    monkeypatch.setattr(layers, "_CUDNN_FALLBACKS", set())
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((2, 8, 4, 16)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((2, 8, 2, 16)), jnp.bfloat16)
+    with caplog.at_level("WARNING"):
+        got = layers.dot_product_attention(q, k, k, dtype=jnp.bfloat16)
+    assert any("using the XLA form" in r.message for r in caplog.records)
+    np.testing.assert_array_equal(got, layers.dot_product_attention(q, k, k, dtype=jnp.bfloat16, implementation="xla"))
+    with pytest.raises(ValueError, match="attention_impl='cudnn'"):
+        layers.dot_product_attention(q, k, k, dtype=jnp.bfloat16, implementation="cudnn")
+    with layers.precision(attention="cudnn"), pytest.raises(ValueError, match="attention_impl='cudnn'"):
+        layers.dot_product_attention(q, k, k, dtype=jnp.bfloat16)

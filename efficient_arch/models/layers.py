@@ -5,19 +5,106 @@ Every parameter is created through :func:`param`, which attaches *logical* axis 
 stack adds ``layers``). Only ``efficient_arch/parallel.py`` maps those names to mesh axes.
 Parameters are stored in ``param_dtype`` (float32); matmuls cast inputs to the compute dtype and
 accumulate in float32 (``preferred_element_type``).
+
+Precision policy (``model.dtype``, ``model.quant``, ``model.attention_impl``): :func:`matmul`
+runs in the compute dtype, or, under ``quant="fp8"``, through qwix's quantized-training dot
+(FP8 E4M3 inputs forward, E5M2 gradients backward); :func:`dot_product_attention` picks
+cuDNN's fused kernel on a GPU when the inputs qualify (:func:`attention_implementation`), else
+the XLA form. The model enters :func:`precision` around its layer stack, so mixers need no
+arguments for it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
+import logging
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+QUANT_MODES = ("none", "fp8")  # model.quant
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # model.attention_impl
+# FP8 formats (Micikevicius et al. 2022, "FP8 Formats for Deep Learning"): E4M3 (max 448) for the
+# forward operands, E5M2 (max 57344) for the gradients of the backward pass.
+FP8_FWD = jnp.float8_e4m3fn
+FP8_BWD = jnp.float8_e5m2
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How the model's matmuls and attention run (set by :func:`precision`, read at trace time).
+
+    Attributes:
+      quant: ``"none"`` (matmuls in the compute dtype) | ``"fp8"`` (projection matmuls through
+        :func:`fp8_einsum`; attention products and the LM head stay in the compute dtype).
+      attention: ``"auto"`` (cuDNN fused attention on a GPU when the inputs qualify, else XLA) |
+        ``"xla"`` (always the XLA form) | ``"cudnn"`` (cuDNN or an error, for benchmarks).
+    """
+
+    quant: str = "none"
+    attention: str = "auto"
+
+    def __post_init__(self):
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quant={self.quant!r}: choose one of {QUANT_MODES} (config.model.quant)")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={self.attention!r}: choose one of {ATTENTION_IMPLS} "
+                             "(config.model.attention_impl)")
+
+
+def describe_precision(cfg, platform: str | None = None) -> str:
+    """One line naming a ``config.model`` section's precision policy, e.g. ``"params float32,
+    compute bfloat16, projection/MLP matmuls FP8 (E4M3 forward, E5M2 gradients; qwix; simulated
+    on cpu)"``. ``platform`` (jax backend name) adds "simulated" on a CPU, which has no FP8 units."""
+    get = cfg.get if hasattr(cfg, "get") else (lambda k, d: getattr(cfg, k, d))
+    out = f"params {get('param_dtype', 'float32')}, compute {get('dtype', 'float32')}"
+    if (get("quant", "none") or "none") == "fp8":
+        sim = f"; simulated on {platform}: no FP8 matmul units" if platform == "cpu" else ""
+        out += f", projection/MLP matmuls FP8 (E4M3 forward, E5M2 gradients; qwix{sim})"
+    return out
+
+
+_PRECISION: contextvars.ContextVar[Precision] = contextvars.ContextVar("efficient_arch_precision",
+                                                                        default=Precision())
+
+
+def current_precision() -> Precision:
+    """The :class:`Precision` in effect (the default ``Precision()`` outside :func:`precision`)."""
+    return _PRECISION.get()
+
+
+@contextlib.contextmanager
+def precision(quant: str = "none", attention: str = "auto") -> Iterator[Precision]:
+    """Trace the enclosed model code under a precision policy (see :class:`Precision`).
+
+    The policy is read while JAX *traces* (jit, scan, grad): enter it around the code being traced,
+    as ``LM.hidden`` does around the layer stack. Backward passes traced later (custom VJPs) keep
+    what their forward recorded.
+
+    Raises:
+      ValueError: an unknown ``quant`` or ``attention`` value.
+    """
+    token = _PRECISION.set(Precision(quant, attention))
+    try:
+        yield _PRECISION.get()
+    finally:
+        _PRECISION.reset(token)
+
+
+def precision_of(cfg) -> contextlib.AbstractContextManager:
+    """:func:`precision` for a ``config.model`` section (``quant``, ``attention_impl``; absent
+    fields, as in configs saved before they existed, mean the defaults)."""
+    get = cfg.get if hasattr(cfg, "get") else (lambda k, d: getattr(cfg, k, d))
+    return precision(get("quant", "none") or "none", get("attention_impl", "auto") or "auto")
 
 
 def dtype_of(name: str):
@@ -82,7 +169,59 @@ def _dot16_bwd(spec, dtype, out_dtype, res, g):
 _dot16.defvjp(_dot16_fwd, _dot16_bwd)
 
 
-def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None) -> jax.Array:
+@functools.cache
+def _fp8_config():
+    """qwix's quantized-training dot config for the FP8 policy (built once; qwix imported lazily)."""
+    from qwix._src.core import dot_general_qt  # qwix 0.1.x: the dot QtProvider runs (see fp8_einsum)
+
+    return dot_general_qt.DotGeneralQtConfig(
+        lhs_qtype=FP8_FWD, rhs_qtype=FP8_FWD,  # forward operands, absmax per channel
+        dlhs_grad_qtype=FP8_BWD, drhs_grad_qtype=FP8_BWD,  # incoming gradients in the backward dots
+        use_original_residuals=False,  # the backward reuses the forward's FP8 operands
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _QtDotGeneral:
+    """``jax.lax.dot_general`` replacement handed to ``jnp.einsum``: qwix's quantized-training dot.
+
+    Hashable and equal across calls, so ``jnp.einsum``'s internal jit cache is reused.
+    """
+
+    def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+        from qwix._src.core import dot_general_qt
+
+        del precision, preferred_element_type, kw  # qwix picks the accumulation (operands' float dtype)
+        return dot_general_qt.dot_general_qt(lhs, rhs, dimension_numbers, _fp8_config())
+
+
+def fp8_einsum(spec: str, x: jax.Array, w: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+    """``einsum(spec, x, w)`` with FP8 operands forward and backward (quantized training, qwix).
+
+    Forward: ``x`` and ``w`` are each scaled by their absolute maximum per channel (every axis not
+    contracted: per token for activations, per output channel for weights; dynamic "current"
+    scaling, no history), rounded to float8_e4m3fn, multiplied in FP8 and rescaled. Backward: the
+    incoming gradient is scaled the same way and rounded to float8_e5m2; both gradient dots take
+    it with the forward's FP8 operands. This is qwix's ``QtRule(weight_qtype=e4m3,
+    act_qtype=e4m3, bwd_qtype=e5m2)`` dot (``qwix._src.core.dot_general_qt``, qwix 0.1.8),
+    called directly instead of through ``qwix.quantize_model``'s interception (see docs).
+
+    Args:
+      spec: two-operand einsum spec.
+      x, w: float arrays of any float dtype (quantized from float32; bf16 values are exact in it).
+      out_dtype: result dtype.
+    Returns:
+      ``[spec's output shape]`` in ``out_dtype``. Gradients come back in the inputs' dtypes.
+
+    On a GPU with FP8 tensor cores (H100/H200/B200) XLA runs the dot on them; on a CPU XLA
+    converts the FP8 operands to float32 and multiplies those: the numerics are FP8's
+    (fake-quantized), the speed is not.
+    """
+    y = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32), _dot_general=_QtDotGeneral())
+    return y.astype(out_dtype)
+
+
+def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None, *, quant: str | None = None) -> jax.Array:
     """``einsum(spec, x, w)`` with inputs in the compute ``dtype``, float32 accumulation.
 
     Args:
@@ -90,6 +229,8 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None) -> jax.
       x, w: arrays of any float dtype (cast to ``dtype``).
       dtype: compute dtype (float32 / bfloat16 / float16).
       out_dtype: result dtype (default ``dtype``; float32 for logits).
+      quant: ``"fp8"`` runs :func:`fp8_einsum`, ``"none"`` the compute dtype; None (default)
+        takes :func:`current_precision`'s. Products of two activations (attention) pass "none".
     Returns:
       ``einsum(spec, x, w)`` in ``out_dtype``.
 
@@ -100,15 +241,82 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None) -> jax.
     them as float32 x float32 (measured in benchmarks/NOTES.md). float32 compute: a plain einsum.
     """
     out_dtype = dtype if out_dtype is None else out_dtype
+    if (quant or current_precision().quant) == "fp8":
+        return fp8_einsum(spec, x, w, out_dtype)
     if jnp.dtype(dtype).itemsize >= 4 or _grad_specs(spec) is None:
         y = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
         return y.astype(out_dtype)
     return _dot16(spec, jnp.dtype(dtype), jnp.dtype(out_dtype), x, w)
 
 
+_GPU_PLATFORMS = ("gpu", "cuda")
+_CUDNN_MAX_HEAD_DIM = 256  # jax's cuDNN flash-attention check: <= 128 before Hopper, <= 256 from Hopper on
+
+
+def attention_implementation(*, platform: str, dtype, head_dim: int, seq_q: int, seq_k: int,
+                             has_mask: bool = False, is_causal: bool = True,
+                             local_window_size: tuple[int, int] | None = None,
+                             requested: str = "auto") -> tuple[str, str]:
+    """Choose the attention kernel: ``("cudnn" | "xla", reason)``.
+
+    cuDNN's fused flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``) is
+    chosen when ``requested`` is "auto" or "cudnn" and the inputs meet jax's cuDNN conditions:
+    ``platform`` is a GPU; 16-bit ``dtype`` (bfloat16 / float16); ``head_dim`` a multiple of 8
+    and <= 256 (<= 128 before Hopper: jax then raises at trace time and the caller falls back);
+    a local window only with ``right == 0`` or causal; a boolean mask (passed as an additive
+    bias) only with even ``seq_q`` and ``seq_k`` (cuDNN's training kernels with a bias); causal only
+    with ``seq_q == seq_k`` (the XLA form aligns the causal mask top-left for ``T != S``).
+    Otherwise, and always for ``requested == "xla"``, the XLA form.
+
+    Args:
+      platform: jax backend name (``jax.default_backend()``: "cpu", "gpu", "tpu").
+      dtype: compute dtype of q, k, v.
+      head_dim, seq_q, seq_k: sizes (``seq_q`` queries, ``seq_k`` keys).
+      has_mask, is_causal, local_window_size: as passed to :func:`dot_product_attention`.
+      requested: ``model.attention_impl``: "auto" | "xla" | "cudnn".
+    Returns:
+      ``(implementation, reason)``; the reason says why the XLA form was taken (empty for cuDNN).
+    Raises:
+      ValueError: ``requested == "cudnn"`` but the inputs do not qualify (naming why and the fix
+        ``model.attention_impl=auto``), or an unknown ``requested``.
+    """
+    if requested not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {requested!r}: choose one of {ATTENTION_IMPLS} "
+                         "(config.model.attention_impl)")
+    if requested == "xla":
+        return "xla", "model.attention_impl='xla'"
+    why = ""
+    if platform not in _GPU_PLATFORMS:
+        why = f"platform {platform!r} is not a GPU"
+    elif jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        why = f"dtype {jnp.dtype(dtype).name} (cuDNN fused attention takes bfloat16 / float16)"
+    elif head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM:
+        why = f"head_dim {head_dim} (cuDNN needs a multiple of 8, <= {_CUDNN_MAX_HEAD_DIM})"
+    elif local_window_size is not None and local_window_size[1] != 0 and not is_causal:
+        why = f"local window {tuple(local_window_size)} with a right part and no causal mask"
+    elif has_mask and (seq_q % 2 or seq_k % 2):
+        why = f"a mask with odd lengths (queries {seq_q}, keys {seq_k})"
+    elif is_causal and seq_q != seq_k:
+        why = f"causal with {seq_q} queries and {seq_k} keys (alignment differs from the XLA form)"
+    if not why:
+        return "cudnn", ""
+    if requested == "cudnn":
+        raise ValueError(f"model.attention_impl='cudnn' but cuDNN fused attention cannot run here: {why}; "
+                         "use --config.model.attention_impl=auto (cuDNN where it qualifies, else XLA)")
+    return "xla", why
+
+
+def _backend() -> str:
+    """The jax backend name (a function so tests can pretend to be on a GPU)."""
+    return jax.default_backend()
+
+
+_CUDNN_FALLBACKS: set[str] = set()
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
                           is_causal: bool = True, local_window_size: tuple[int, int] | None = None,
-                          dtype=None) -> jax.Array:
+                          dtype=None, implementation: str | None = None) -> jax.Array:
     """Scaled dot-product attention with grouped KV heads (Vaswani et al. 2017 eq. 1; GQA,
     Ainslie et al. 2023): ``softmax(q k^T / sqrt(head_dim) + masks) v``.
 
@@ -119,25 +327,56 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
       is_causal: query ``i`` sees keys ``j <= i`` (T == S).
       local_window_size: ``(left, right)``: keys ``i - left <= j <= i + right`` only.
       dtype: compute dtype (default ``q.dtype``).
+      implementation: "auto" | "xla" | "cudnn"; None (default) takes :func:`current_precision`'s
+        ``attention`` (``model.attention_impl``).
     Returns:
       ``[B, T, n_heads, head_dim]`` in ``dtype``. Softmax in float32; a fully masked row averages
       the values uniformly (as ``jax.nn.dot_product_attention``).
+    Raises:
+      ValueError: ``implementation="cudnn"`` where cuDNN cannot run (see
+        :func:`attention_implementation`), or jax's cuDNN path rejected the inputs.
 
-    Implementation: float32 uses ``jax.nn.dot_product_attention(implementation="xla")``. 16-bit
-    compute uses the same math with both products through :func:`matmul` (16-bit inputs, float32
-    accumulation, backward dots also 16-bit): XLA's form would hand the probabilities-times-values
+    Implementation (:func:`attention_implementation` decides, from the backend at trace time):
+    on a GPU with 16-bit inputs that qualify, cuDNN's fused flash attention
+    (``jax.nn.dot_product_attention(implementation="cudnn")``); if jax's cuDNN path raises while
+    tracing (unsupported shape / GPU / cuDNN version), a warning is logged once per reason and the
+    XLA form runs instead, so a result is never silently wrong, only slower. A cuDNN failure at
+    compile time is an error (``model.attention_impl=xla`` avoids it). Otherwise the XLA form:
+    float32 uses ``jax.nn.dot_product_attention(implementation="xla")``; 16-bit compute uses the
+    same math with both products through :func:`matmul` (16-bit inputs, float32 accumulation,
+    backward dots also 16-bit, never FP8): XLA's form would hand the probabilities-times-values
     product and three of the four backward products to XLA:CPU as float32 dots.
-    FLOPs: ``4 T S n_heads head_dim`` (masked entries included).
+    FLOPs: ``4 T S n_heads head_dim`` (masked entries included; cuDNN skips the causal upper
+    triangle, the count does not change).
     """
     dtype = q.dtype if dtype is None else jnp.dtype(dtype)
+    requested = implementation or current_precision().attention
+    b, t, n, hd = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    impl, _ = attention_implementation(platform=_backend(), dtype=dtype, head_dim=hd, seq_q=t, seq_k=s,
+                                       has_mask=mask is not None, is_causal=is_causal,
+                                       local_window_size=local_window_size, requested=requested)
+    if impl == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
+                                                is_causal=is_causal, local_window_size=local_window_size,
+                                                implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
+            if requested == "cudnn":
+                raise ValueError(f"model.attention_impl='cudnn': jax's cuDNN attention rejected q {q.shape} "
+                                 f"k {k.shape} {jnp.dtype(dtype).name}: {e}; use "
+                                 "--config.model.attention_impl=auto or xla") from e
+            reason = f"{type(e).__name__}: {e}"
+            if reason not in _CUDNN_FALLBACKS:
+                _CUDNN_FALLBACKS.add(reason)
+                _log.warning("cuDNN fused attention unavailable for q %s k %s %s (%s); using the XLA form",
+                             q.shape, k.shape, jnp.dtype(dtype).name, reason)
     if jnp.dtype(dtype).itemsize >= 4:
         return jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
                                             is_causal=is_causal, local_window_size=local_window_size,
                                             implementation="xla")
-    b, t, n, hd = q.shape
-    s, kv = k.shape[1], k.shape[2]
     qg = q.reshape(b, t, kv, n // kv, hd)
-    scores = matmul("btkgh,bskh->bkgts", qg, k, dtype, out_dtype=jnp.float32) * (1.0 / math.sqrt(hd))
+    scores = matmul("btkgh,bskh->bkgts", qg, k, dtype, out_dtype=jnp.float32, quant="none") * (1.0 / math.sqrt(hd))
     allowed = jnp.ones((t, s), bool)
     i, j = jnp.arange(t)[:, None], jnp.arange(s)[None, :]
     if is_causal:
@@ -151,7 +390,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
         allowed = allowed & m.reshape(m.shape[0], kv, n // kv, *m.shape[2:])
     scores = jnp.where(allowed, scores, -0.7 * float(jnp.finfo(jnp.float32).max))
     p = jax.nn.softmax(scores, axis=-1)
-    o = matmul("bkgts,bskh->btkgh", p, v, dtype)
+    o = matmul("bkgts,bskh->btkgh", p, v, dtype, quant="none")
     return o.reshape(b, t, n, hd)
 
 
@@ -214,8 +453,11 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
 
     def attend(self, x: jax.Array, dtype) -> jax.Array:
-        """``[B, T, d_model]`` -> logits ``[B, T, vocab_size]`` float32 (2*V*d FLOPs per token)."""
-        return matmul("btd,vd->btv", x, self.embedding[...], dtype, out_dtype=jnp.float32)
+        """``[B, T, d_model]`` -> logits ``[B, T, vocab_size]`` float32 (2*V*d FLOPs per token).
+
+        Never FP8 (the LM head stays in the compute dtype under ``model.quant="fp8"``, as in
+        common FP8 recipes)."""
+        return matmul("btd,vd->btv", x, self.embedding[...], dtype, out_dtype=jnp.float32, quant="none")
 
 
 class MLP(nnx.Module):

@@ -21,7 +21,7 @@ from flax import nnx
 
 from efficient_arch import parallel
 from efficient_arch.models import registry
-from efficient_arch.models.layers import Embed, RMSNorm, dtype_of, matmul, param
+from efficient_arch.models.layers import Embed, RMSNorm, dtype_of, matmul, param, precision_of
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -183,14 +183,15 @@ class LM(nnx.Module):
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-        if self.cfg.scan_layers:
-            x, auxs = jax.lax.scan(body, x, stacked)
-        else:
-            outs = []
-            for i in range(n):
-                x, a = body(x, jax.tree.map(lambda p: p[i], stacked))
-                outs.append(a)
-            auxs = jax.tree.map(lambda *v: jnp.stack(v), *outs) if outs else {}
+        with precision_of(self.cfg):  # model.quant / attention_impl for the blocks (not the head)
+            if self.cfg.scan_layers:
+                x, auxs = jax.lax.scan(body, x, stacked)
+            else:
+                outs = []
+                for i in range(n):
+                    x, a = body(x, jax.tree.map(lambda p: p[i], stacked))
+                    outs.append(a)
+                auxs = jax.tree.map(lambda *v: jnp.stack(v), *outs) if outs else {}
         return x, {k: (jnp.sum(v) if v.ndim == 1 else v) for k, v in auxs.items()}
 
     def hidden(self, tokens, *, segment_ids=None, positions=None):
@@ -255,7 +256,8 @@ class LM(nnx.Module):
                 group_state, group_cache = layer
                 return nnx.merge(graphdef, group_state).decode(h, group_cache, position=position)
 
-            x, new_cache[name] = jax.lax.scan(body, x, (stacked, cache[name]))
+            with precision_of(self.cfg):
+                x, new_cache[name] = jax.lax.scan(body, x, (stacked, cache[name]))
         return self.logits(self.final_norm(x)), new_cache
 
     def prefill(self, tokens, cache: dict, *, all_logits: bool = False):
@@ -293,7 +295,8 @@ class LM(nnx.Module):
                 group_state, group_cache = layer
                 return nnx.merge(graphdef, group_state).prefill(h, group_cache)
 
-            x, new_cache[name] = jax.lax.scan(body, x, (stacked, cache[name]))
+            with precision_of(self.cfg):  # as hidden / decode: the same FP8 / attention choice
+                x, new_cache[name] = jax.lax.scan(body, x, (stacked, cache[name]))
         if not all_logits:
             x = x[:, -1:]
         return self.logits(self.final_norm(x)), new_cache
