@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_arch import parallel
-from efficient_arch.models.layers import MLP, dtype_of, matmul, param
+from efficient_arch.models.layers import MLP, dtype_of, matmul, param, swiglu
 
 ROUTERS = ("softmax", "sigmoid")
 DISPATCHES = ("capacity", "dropless")
@@ -148,8 +148,7 @@ def swiglu_experts(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, dtype)
       ``[B, E, C, d]`` in ``dtype``. FLOPs: ``6 d f`` per slot.
     """
     gu = matmul("becd,edkf->beckf", x, w_gate_up, dtype)
-    h = jax.nn.silu(gu[..., 0, :].astype(jnp.float32)) * gu[..., 1, :].astype(jnp.float32)
-    return matmul("becf,efd->becd", h.astype(dtype), w_down, dtype)
+    return matmul("becf,efd->becd", swiglu(gu), w_down, dtype)
 
 
 class MoE(nnx.Module):
@@ -232,7 +231,7 @@ class MoE(nnx.Module):
         xs = x.reshape(B * T, d)[order // k].astype(self.dtype)
         wgu = self.w_gate_up[...].reshape(E, d, 2 * f).astype(self.dtype)
         gu = jax.lax.ragged_dot(xs, wgu, group_sizes, preferred_element_type=jnp.float32)
-        h = jax.nn.silu(gu[:, :f]) * gu[:, f:]
+        h = swiglu(gu.reshape(-1, 2, f))
         ys = jax.lax.ragged_dot(h.astype(self.dtype), self.w_down[...].astype(self.dtype), group_sizes,
                                 preferred_element_type=jnp.float32)
         y = jnp.zeros_like(ys).at[order].set(ys).reshape(B, T, k, d)

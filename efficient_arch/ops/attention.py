@@ -1,0 +1,81 @@
+"""Softmax attention core with a hand-written backward pass that keeps only the probabilities.
+
+For one (batch, KV head, query-group) slice, with ``s = q k^T * scale`` masked to ``-inf`` where not
+allowed (Vaswani et al. 2017, eq. 1)::
+
+    p = softmax(s)            o = p v
+    dv = p^T do               dp = do v^T
+    ds = p * (dp - rowsum(p * dp))             (softmax Jacobian; rowsum(p dp) = rowsum(do o))
+    dq = ds k * scale         dk = ds^T q * scale
+
+This is the backward of FlashAttention (Dao et al. 2022, Alg. 4, with ``D = rowsum(dO o O)``
+written as ``rowsum(P o dP)``) without the tiling: the forward saves ``q, k, v`` and ``p`` (in the
+compute dtype), nothing else. Plain autodiff of the same forward keeps the float32 scores, the
+masked scores and the float32 probabilities as well (3-4 ``[B, H, T, S]`` arrays per layer;
+1.2 GB of the 3.9 GB of temporaries of the bench train step), and runs XLA:CPU's elementwise
+passes over them twice.
+
+Matmuls take ``dtype`` inputs and accumulate in float32 (``preferred_element_type``); softmax and
+its gradient are float32. FLOPs (XLA count): forward ``4 T S H`` per (batch, query head) plus the
+softmax; backward ``8 T S H`` (four products). Same as autodiff of the forward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # as jax.nn.dot_product_attention's XLA form
+
+
+def _dot(spec, a, b, dtype):
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=_F32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float,
+                   dtype) -> jax.Array:
+    """Masked softmax attention over grouped query heads.
+
+    Args:
+      q: ``[B, T, K, G, H]`` queries (``K`` KV heads, ``G`` query heads per KV head).
+      k, v: ``[B, S, K, H]``.
+      allowed: bool, broadcastable to ``[B, K, G, T, S]``; True = may attend. A row with nothing
+        allowed averages ``v`` uniformly (as ``jax.nn.dot_product_attention``).
+      scale: score scale (``1 / sqrt(H)``).
+      dtype: matmul input dtype (float32 / bfloat16 / float16); accumulation is float32.
+    Returns:
+      ``[B, T, K, G, H]`` in ``dtype``.
+    """
+    return _forward(q, k, v, allowed, scale, dtype)[0]
+
+
+def _forward(q, k, v, allowed, scale, dtype):
+    s = _dot("btkgh,bskh->bkgts", q, k, dtype) * scale
+    p = jax.nn.softmax(jnp.where(allowed, s, _NEG), axis=-1).astype(dtype)
+    o = _dot("bkgts,bskh->btkgh", p, v, dtype).astype(dtype)
+    return o, p
+
+
+def _fwd(q, k, v, allowed, scale, dtype):
+    o, p = _forward(q, k, v, allowed, scale, dtype)
+    # zero-size arrays carry the primal dtypes (residuals must be arrays)
+    return o, (q.astype(dtype), k.astype(dtype), v.astype(dtype), p, allowed,
+               jnp.zeros((0,), q.dtype), jnp.zeros((0,), k.dtype), jnp.zeros((0,), v.dtype))
+
+
+def _bwd(scale, dtype, res, do):
+    q, k, v, p, allowed, q0, k0, v0 = res
+    dp = _dot("btkgh,bskh->bkgts", do, v, dtype)
+    pf = p.astype(_F32)
+    ds = pf * (dp - jnp.sum(pf * dp, axis=-1, keepdims=True))
+    dq = _dot("bkgts,bskh->btkgh", ds, k, dtype) * scale
+    dk = _dot("bkgts,btkgh->bskh", ds, q, dtype) * scale
+    dv = _dot("bkgts,btkgh->bskh", p, do, dtype)
+    return dq.astype(q0.dtype), dk.astype(k0.dtype), dv.astype(v0.dtype), None  # mask: no gradient
+
+
+attention_core.defvjp(_fwd, _bwd)
