@@ -323,7 +323,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     Args:
       q: ``[B, T, n_heads, head_dim]``; k, v: ``[B, S, n_kv_heads, head_dim]``, ``n_heads %
         n_kv_heads == 0`` (query head ``i`` reads KV head ``i // (n_heads / n_kv_heads)``).
-      mask: optional bool, broadcastable to ``[B, n_heads, T, S]``; True = may attend.
+      mask: optional bool ``[B or 1, 1 or n_heads, T or 1, S]``; True = may attend.
       is_causal: query ``i`` sees keys ``j <= i`` (T == S).
       local_window_size: ``(left, right)``: keys ``i - left <= j <= i + right`` only.
       dtype: compute dtype (default ``q.dtype``).
@@ -341,11 +341,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     (``jax.nn.dot_product_attention(implementation="cudnn")``); if jax's cuDNN path raises while
     tracing (unsupported shape / GPU / cuDNN version), a warning is logged once per reason and the
     XLA form runs instead, so a result is never silently wrong, only slower. A cuDNN failure at
-    compile time is an error (``model.attention_impl=xla`` avoids it). Otherwise the XLA form:
-    float32 uses ``jax.nn.dot_product_attention(implementation="xla")``; 16-bit compute uses the
-    same math with both products through :func:`matmul` (16-bit inputs, float32 accumulation,
-    backward dots also 16-bit, never FP8): XLA's form would hand the probabilities-times-values
-    product and three of the four backward products to XLA:CPU as float32 dots.
+    compile time is an error (``model.attention_impl=xla`` avoids it). Otherwise the XLA form,
+    :func:`efficient_arch.ops.attention.attention_core`: the same math as
+    ``jax.nn.dot_product_attention(implementation="xla")`` with a hand-written backward that
+    keeps only the probabilities (in ``dtype``) instead of autodiff's float32 scores, masked
+    scores and probabilities, and whose products take ``dtype`` inputs with float32
+    accumulation (never FP8): jax's form would hand the probabilities-times-values product and
+    three of the four backward products to XLA:CPU as float32 dots in 16-bit compute.
     FLOPs: ``4 T S n_heads head_dim`` (masked entries included; cuDNN skips the causal upper
     triangle, the count does not change).
     """
@@ -371,26 +373,20 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
                 _CUDNN_FALLBACKS.add(reason)
                 _log.warning("cuDNN fused attention unavailable for q %s k %s %s (%s); using the XLA form",
                              q.shape, k.shape, jnp.dtype(dtype).name, reason)
-    if jnp.dtype(dtype).itemsize >= 4:
-        return jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
-                                            is_causal=is_causal, local_window_size=local_window_size,
-                                            implementation="xla")
-    qg = q.reshape(b, t, kv, n // kv, hd)
-    scores = matmul("btkgh,bskh->bkgts", qg, k, dtype, out_dtype=jnp.float32, quant="none") * (1.0 / math.sqrt(hd))
-    allowed = jnp.ones((t, s), bool)
+    from efficient_arch.ops.attention import attention_core
+
     i, j = jnp.arange(t)[:, None], jnp.arange(s)[None, :]
+    allowed = jnp.ones((t, s), bool)
     if is_causal:
         allowed &= j <= i
     if local_window_size is not None:
         left, right = local_window_size
         allowed &= (j >= i - left) & (j <= i + right)
-    allowed = allowed[None, None, None]
+    allowed = allowed[None, None, None]  # [1, K, G, T, S] after broadcasting
     if mask is not None:
-        m = jnp.broadcast_to(mask, mask.shape[:1] + (n,) + mask.shape[2:]) if mask.shape[1] == 1 else mask
-        allowed = allowed & m.reshape(m.shape[0], kv, n // kv, *m.shape[2:])
-    scores = jnp.where(allowed, scores, -0.7 * float(jnp.finfo(jnp.float32).max))
-    p = jax.nn.softmax(scores, axis=-1)
-    o = matmul("bkgts,bskh->btkgh", p, v, dtype, quant="none")
+        m = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], kv, n // kv, *mask.shape[2:])
+        allowed = allowed & m
+    o = attention_core(q.reshape(b, t, kv, n // kv, hd), k, v, allowed, 1.0 / math.sqrt(hd), dtype)
     return o.reshape(b, t, n, hd)
 
 
