@@ -102,6 +102,9 @@ def default_config() -> ml_collections.ConfigDict:
     t.steps = 200
     t.batch_size = 16  # global batch, sequences
     t.grad_accum = 1  # microbatches per step (batch_size / grad_accum sequences each)
+    # LM head + cross-entropy fused and chunked along the sequence (ops/cross_entropy.py): the
+    # [B, T, vocab] logits are never materialized; 0 = unfused (full logits, autodiff)
+    t.ce_chunk_size = 0
     t.lr = 3e-3
     t.warmup_steps = 20
     t.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
@@ -345,8 +348,8 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
 
     _positive(cfg, "train", ["steps", "batch_size", "grad_accum", "lr", "log_every", "eval_every",
                              "eval_batches", "ckpt_every", "keep_ckpts"])
-    _positive(cfg, "train", ["warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps"],
-              allow_zero=("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps"))
+    _positive(cfg, "train", ["warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps", "ce_chunk_size"],
+              allow_zero=("warmup_steps", "weight_decay", "clip_norm", "min_lr_ratio", "eps", "ce_chunk_size"))
     if t.min_lr_ratio > 1:
         _fail("train.min_lr_ratio", t.min_lr_ratio, "must lie in [0, 1]")
     for n in ("b1", "b2"):

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from efficient_arch import parallel
 from efficient_arch.config import TASK_SOURCES
 from efficient_arch.ops import scan as scan_lib
+from efficient_arch.ops.cross_entropy import linear_cross_entropy
 from efficient_arch.models.layers import describe_precision
 from efficient_arch.models.lm import apply_step_stats, new_model
 
@@ -165,8 +166,15 @@ def build(cfg, mesh: Mesh) -> Run:
         # ce = this microbatch's summed token loss / tokens in the *global* batch, so the sum
         # over microbatches is the global token mean whatever each microbatch's count is
         model = nnx.merge(graphdef, params)
-        logits, aux = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
-        loss_sum, _ = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+        if t.ce_chunk_size:  # fused head + loss, chunked: no [B, T, vocab] logits
+            h, aux = model.hidden(batch["inputs"], segment_ids=batch.get("segment_ids"))
+            w, tied = model.head_weight()
+            mask = batch.get("loss_mask")
+            mask = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+            loss_sum = linear_cross_entropy(h, w, batch["targets"], mask, int(t.ce_chunk_size), tied, model.dtype)
+        else:
+            logits, aux = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
+            loss_sum, _ = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
         ce = loss_sum / denom
         aux = {k: jnp.asarray(v, jnp.float32) / accum for k, v in aux.items()}  # mean over microbatches
         return ce + aux.get("aux_loss", 0.0), {"loss": ce, **aux}
@@ -268,7 +276,7 @@ class _StopFlag:
 # or extend it (train.steps). The NaN policy only acts on a step that would otherwise stop the run.
 RESUMABLE_CHANGES = (
     "model.remat", "model.scan_layers", "model.dtype", "model.attention_impl",
-    "train.steps", "train.grad_accum", "train.log_every", "train.eval_every", "train.ckpt_every",
+    "train.steps", "train.grad_accum", "train.ce_chunk_size", "train.log_every", "train.eval_every", "train.ckpt_every",
     "train.keep_ckpts", "train.nan_policy", "train.max_skipped_steps",
     "data.path", "data.cache_dir", "mesh.*", "distributed.*", "flops.*",
 )

@@ -221,6 +221,13 @@ class LM(nnx.Module):
             out = matmul("btd,dv->btv", h, self.head[...], self.dtype, out_dtype=jnp.float32)
         return parallel.constrain(out, ("batch", "seq", "act_vocab"))
 
+    def head_weight(self) -> tuple[jax.Array, bool]:
+        """The LM head's weight and whether it is tied: ``(embedding [V, d_model], True)`` or
+        ``(head [d_model, V], False)`` (for the fused loss, ops/cross_entropy.py)."""
+        if self.cfg.tie_embeddings:
+            return self.embed.embedding[...], True
+        return self.head[...], False
+
     def __call__(self, tokens, *, segment_ids=None, positions=None):
         h, aux = self.hidden(tokens, segment_ids=segment_ids, positions=positions)
         return self.logits(h), aux
