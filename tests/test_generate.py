@@ -1,15 +1,15 @@
 """Generation: every mixer's ``prefill``, ``LM.prefill``, the decode loop, sampling and the
 ``efficient-arch generate`` command (efficient_arch/generate.py).
 
-Two models: ``every_mixer``, a hybrid whose layer group holds every registered mixer once (so
-one set of compiled programs covers all of them: per-mixer models would compile 11 x 3 programs,
-~80 s on 2 cores), and ``moe``, attention with MoE FFNs behind a dense ``first_k_dense`` prefix
-and an untied head. Per model: greedy prefill + cached decoding picks the argmax of the full
-forward pass over prompt + generated tokens at every generated position (logits equal within
-float32 tolerance; the prefill's logits too at every prompt position), and the caches the
-parallel prefill returns equal, layer by layer (failures name the mixer), those of stepping the
-prompt through ``LM.decode`` token by token. Shapes are tiny: prompts of 13 tokens span two
-chunks of 8 and wrap the sliding window of 8.
+One model, ``every_mixer_moe``: a hybrid whose layer group holds every registered mixer once, the
+last block with an MoE FFN, and an untied head. One set of compiled programs covers every mixer
+(separate models per mixer, hybrid and MoE compiled 11 x 3 programs: ~100 s on 2 loaded cores).
+Greedy prefill + cached decoding picks the argmax of the full forward pass over prompt +
+generated tokens at every generated position (logits equal within float32 tolerance; the
+prefill's logits too at every prompt position), and the caches the parallel prefill returns
+equal, layer by layer (a failure names the mixer), those of stepping the prompt through
+``LM.decode`` token by token. Shapes are tiny: prompts of 13 tokens span two chunks of 8 and wrap
+the sliding window of 8.
 """
 
 from __future__ import annotations
@@ -34,13 +34,17 @@ from conftest import make_tiny_config
 MIXERS = registry.mixer_names()
 SMALL = dict(model__chunk_size=8, model__window_size=8, model__state_size=16, model__feature_dim=8,
              model__n_kv_heads=2, model__seq_len=32)
-CASES = {"every_mixer": dict(model__layer_pattern=tuple(MIXERS), model__n_layers=len(MIXERS)),
-         # capacity_factor = E / k: capacity = T, nothing dropped, so a token's output does not depend on
-         # the other tokens of its sequence (with drops, the forward pass and 1-token decode steps differ
-         # by design: dropping is a property of the batch)
-         "moe": dict(model__ffn="moe", model__n_layers=3, model__moe__n_experts=4, model__moe__top_k=2,
-                     model__moe__capacity_factor=2.0, model__moe__first_k_dense=1, model__moe__d_ff_expert=64,
-                     model__tie_embeddings=False)}
+# One hybrid holding every registered mixer once; its last block has an MoE FFN (moe_every = group
+# length) and the LM head is untied. capacity_factor = E / k: capacity = T, nothing dropped, so a
+# token's output does not depend on the other tokens of its sequence (with drops, the forward pass
+# and 1-token decode steps differ by design: dropping is a property of the batch).
+# The forward pass runs the recurrent training form (mixer_form="recurrent"; sliding-window and
+# softmax attention their usual forms): an independent computation from the prefill, which always
+# runs the chunked form, and from the decode steps; and half the compile time of the chunked form.
+CASES = {"every_mixer_moe": dict(model__layer_pattern=tuple(MIXERS), model__n_layers=len(MIXERS), model__ffn="moe",
+                                 model__moe__moe_every=len(MIXERS), model__moe__n_experts=4, model__moe__top_k=2,
+                                 model__moe__capacity_factor=2.0, model__moe__d_ff_expert=64,
+                                 model__tie_embeddings=False, model__mixer_form="recurrent")}
 B, T, N = 2, 13, 6
 TOL = 2e-4
 
@@ -162,23 +166,25 @@ def test_prompt_longer_than_the_cache_is_an_error():
 
 def test_top_p_keeps_the_minimal_nucleus():
     probs = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
-    logits = jnp.asarray(np.log(probs), jnp.float32)[None]
+    logits = np.log(probs)
+    # row 1: token 1 filtered before (-inf): renormalized 3 -> 0.5, 4 -> 0.25, 2 -> 0.167, 0 -> 0.083
+    two = jnp.asarray(np.stack([logits, np.where(np.arange(5) == 1, -np.inf, logits)]), jnp.float32)
+    top_p = jax.jit(gen.top_p_mask)  # p traced: one program
     for p, kept in [(0.35, {1}), (0.5, {1, 3}), (0.75, {1, 3, 4}), (0.9, {1, 3, 4, 2}), (0.97, set(range(5))),
                     (1.0, set(range(5)))]:
-        mask = np.asarray(gen.top_p_mask(logits, p))[0]
+        mask = np.asarray(top_p(two, p))[0]
         assert set(np.flatnonzero(mask)) == kept, (p, mask)
-    # filtered entries (-inf) never come back; two rows at once
-    two = jnp.stack([logits[0], jnp.where(jnp.arange(5) == 1, -jnp.inf, logits[0])])
-    mask = np.asarray(gen.top_p_mask(two, 0.6))  # row 1 renormalized: 3 -> 0.5, 4 -> 0.25, 2 -> 0.167
+    mask = np.asarray(top_p(two, 0.6))  # filtered entries never come back
     assert set(np.flatnonzero(mask[0])) == {1, 3} and set(np.flatnonzero(mask[1])) == {3, 4}
 
 
 def test_top_k_mask_and_sampling_filters():
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((64, 50)), jnp.float32)
-    mask = np.asarray(gen.top_k_mask(logits, 5))
+    top_k = jax.jit(gen.top_k_mask)
+    mask = np.asarray(top_k(logits, 5))
     top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
     assert all(set(np.flatnonzero(m)) == set(t) for m, t in zip(mask, top5))
-    assert np.asarray(gen.top_k_mask(logits, 0)).all()
+    assert np.asarray(top_k(logits, 0)).all()
     greedy = np.argmax(np.asarray(logits), -1)
     np.testing.assert_array_equal(np.asarray(gen.sample_logits(logits, None, temperature=0)), greedy)
     # the traced path the decode loop runs: one program for every setting
@@ -188,14 +194,14 @@ def test_top_k_mask_and_sampling_filters():
     for temperature in (0.5, 1.0, 5.0):  # top_k = 1 is greedy at any temperature
         np.testing.assert_array_equal(np.asarray(sample(logits, key, temperature, 1, 1.0)), greedy)
     draws = [np.asarray(sample(logits, jax.random.key(i), 1.0, 5, 0.9)) for i in range(4)]
-    nucleus = np.asarray(gen.top_p_mask(jnp.where(mask, logits, -jnp.inf), 0.9)) & mask
+    nucleus = np.asarray(jax.jit(gen.top_p_mask)(jnp.where(mask, logits, -jnp.inf), 0.9)) & mask
     assert all(np.take_along_axis(nucleus, d[:, None], axis=1).all() for d in draws)  # top 5, then top-p
     assert len({tuple(d) for d in draws}) > 1  # and actually random
 
 
 def test_sampling_seeds_and_top_k_one_in_generation():
-    """Sampling settings are traced: these runs reuse the greedy programs of the moe model."""
-    r = _results("moe")
+    """Sampling settings are traced: these runs reuse the greedy programs of the model above."""
+    r = _results("every_mixer_moe")
     model, prompt, greedy = r["model"], _prompt(), r["gen"].tokens
     kw = dict(return_logits=True)
     top1 = gen.generate_tokens(model, prompt, N, temperature=1.0, top_k=1, seed=5, **kw)
@@ -246,21 +252,35 @@ WORDS = "alpha beta gamma delta import return value state print class".split()
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A tiny attention run trained 8 steps on a tmp text corpus (test_train.py's loop config)."""
-    from efficient_arch.train import run_training
+    """A tiny attention run trained 8 steps of the shared train step on text, with checkpoints at
+    steps 4 and 8 written by the run's ``Checkpointer`` (the layout of ``efficient-arch train``:
+    state, data-iterator state, finalized config). Built from ``train.build`` rather than
+    ``run_training``, which also compiles the PRNG init, the eval step and the FLOP audit
+    (~20 s more on a cold compilation cache)."""
+    from efficient_arch import parallel, train
+    from efficient_arch.checkpoint import Checkpointer
+    from efficient_arch.data import tokenizer
 
-    root = tmp_path_factory.mktemp("gen_run")
-    corpus = root / "corpus"
-    corpus.mkdir()
+    from conftest import numpy_init_state
+
     rng = random.Random(5)
-    for i in range(12):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(30)]
-        (corpus / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    cfg = make_tiny_config(data__source="text", data__path=str(corpus), data__cache_dir=str(root / "cache"),
-                           data__val_fraction=0.2, flops__peak_flops=1e12, train__steps=8, train__ckpt_every=4,
-                           train__log_every=1, train__eval_every=1000, train__batch_size=4, train__keep_ckpts=5)
-    run_training(cfg, str(root / "run"), progress=False)
-    return root / "run"
+    text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(400))
+    ids = tokenizer.encode(text).astype(np.int32)
+    cfg = finalize(make_tiny_config(train__steps=8, train__batch_size=4, train__lr=1e-2, train__warmup_steps=0), 1)
+    workdir = tmp_path_factory.mktemp("gen_run") / "run"
+    mesh = parallel.make_mesh(cfg, devices=jax.devices()[:1])
+    t, b = cfg.model.seq_len, cfg.train.batch_size
+    with jax.set_mesh(mesh), Checkpointer(workdir, keep=5, save_every=4) as ckpt:
+        run = train.build(cfg, mesh)
+        state = numpy_init_state(run)
+        for step in range(1, 9):
+            starts = np.random.default_rng(step).integers(0, len(ids) - t - 1, b)
+            rows = np.stack([ids[s:s + t + 1] for s in starts])
+            batch = parallel.global_batch({"inputs": rows[:, :-1], "targets": rows[:, 1:]}, mesh, b)
+            state, metrics = run.train_step(state, batch)
+            ckpt.save(step, state, {"step": step}, cfg.to_dict())
+    assert np.isfinite(float(metrics["loss"]))
+    return workdir
 
 
 def _cli(argv, capsys):

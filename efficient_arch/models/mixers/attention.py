@@ -111,7 +111,7 @@ class Attention(nnx.Module):
             raise ValueError(f"attention prefill: the prompt has {t} tokens but the KV cache holds "
                              f"{max_len}; allocate init_cache(batch, max_len >= {t})")
         q, k, v = self._qkv(x, jnp.arange(t, dtype=jnp.int32))
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+        o = dot_product_attention(q, k, v, is_causal=True, dtype=self.dtype)  # as __call__
         cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), 0, axis=1),
                  "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), 0, axis=1)}
         return matmul("bthk,hkd->btd", o.astype(self.dtype), self.wo[...], self.dtype), cache

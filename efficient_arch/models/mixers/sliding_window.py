@@ -186,8 +186,8 @@ class SlidingWindowAttention(Attention):
         if _uses_blocked(self.form, self.window, t):
             o = blocked_local_attention(q, k, v, self.window)
         else:
-            o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(self.window - 1, 0),
-                                             implementation="xla")
+            o = dot_product_attention(q, k, v, is_causal=True, local_window_size=(self.window - 1, 0),
+                                      dtype=self.dtype)  # as __call__
         n = min(s, t)
         slots = jnp.arange(t - n, t) % s  # static: the last n positions, distinct slots
         cache = {"k": cache["k"].at[:, slots].set(k[:, t - n:].astype(cache["k"].dtype)),
