@@ -147,8 +147,12 @@ def swiglu_experts(x: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, dtype)
     Returns:
       ``[B, E, C, d]`` in ``dtype``. FLOPs: ``6 d f`` per slot.
     """
-    gu = matmul("becd,edkf->beckf", x, w_gate_up, dtype)
-    return matmul("becf,efd->becd", swiglu(gu), w_down, dtype)
+    # experts leading ([E, B, C, d]): XLA:CPU then runs the batched bf16 dots (its fallback dot
+    # kernel has no bf16 x bf16 -> f32, which an expert axis in second place reached: "Unsupported
+    # element type for DotThunk::Execute"); a layout change only, same FLOPs and sharding
+    xe = jnp.moveaxis(x, 1, 0)
+    gu = matmul("ebcd,edkf->ebckf", xe, w_gate_up, dtype)
+    return jnp.moveaxis(matmul("ebcf,efd->ebcd", swiglu(gu), w_down, dtype), 0, 1)
 
 
 class MoE(nnx.Module):
