@@ -12,7 +12,8 @@ Each row runs in its own child process (so peak RSS is the row's own) which, in 
    analysis (temporaries per device);
 3. runs ``--warmup`` steps, then times ``--runs`` steps (median), on a fixed random batch.
 
-Rows: scan vs unrolled layers, remat none vs dots, float32 vs bfloat16 compute. MFU = analytic
+Rows: scan vs unrolled layers, remat none vs dots, float32 vs bfloat16 compute, and the fused
+chunked LM head + loss (``train.ce_chunk_size``). MFU = analytic
 model FLOPs per step (causal attention) / step time / the same process's peak *for the row's
 compute dtype*; ``MFU f32`` divides by the float32 peak for every row (the bf16 rows' speed-up is
 then visible on one scale).
@@ -44,13 +45,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
-ROWS = {  # name: model overrides
+ROWS = {  # name: config overrides (model.* unless the key names its section)
     "scan": {},
     "unrolled": {"scan_layers": False},
     "scan+dots": {"remat": "dots"},
     "scan+bf16": {"dtype": "bfloat16"},
     "unrolled+bf16": {"scan_layers": False, "dtype": "bfloat16"},
     "scan+dots+bf16": {"remat": "dots", "dtype": "bfloat16"},
+    "scan+ce128": {"train.ce_chunk_size": 128},  # fused, chunked LM head + loss (ops/cross_entropy.py)
 }
 
 
@@ -82,7 +84,8 @@ def run_row(name: str, size: str, warmup: int, runs: int) -> dict:
     c = load_config(REPO / "experiments/configs/transformer.py", size)
     c.unlock()
     for k, v in ROWS[name].items():
-        c.model[k] = v
+        section, _, field = k.rpartition(".")
+        c[section or "model"][field] = v
     c.lock()
     cfg = finalize(c, 1)
     mesh = parallel.make_mesh(cfg, devices=jax.devices()[:1])
