@@ -15,6 +15,15 @@ and a ``commit_success.txt`` marker instead). ``committed_steps`` and
 ``Checkpointer.latest_step`` list only folders whose name is a plain integer
 and that orbax itself deems finalized, so a save cut short by preemption is
 never picked up on resume.
+
+Integrity: ``save`` records a checksum of every array of the state in the ``data`` item
+(``state_checksums``: a position-weighted sum of the array's bit patterns modulo 2^32, computed on
+the devices, independent of the sharding), and ``restore`` recomputes it on the restored arrays:
+array data changed after the save (bytes flipped in place, a bad copy) is reported as a
+:class:`CorruptCheckpointError` instead of being trained on. Truncated or unreadable files,
+broken metadata and missing items fail in orbax / tensorstore and are reported the same way. Not
+covered: the JSON items (``data``, ``config``) are only checked to parse as JSON objects, and
+checkpoints written before checksums existed are restored unchecked.
 """
 
 from __future__ import annotations
@@ -23,14 +32,22 @@ import os
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["Checkpointer", "CorruptCheckpointError", "committed_steps", "uncommitted_steps", "read_config",
-           "CHECKPOINT_SUBDIR"]
+__all__ = ["Checkpointer", "CorruptCheckpointError", "WorkdirBusyError", "committed_steps", "uncommitted_steps", "read_config",
+           "state_checksums", "CHECKPOINT_SUBDIR"]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _ITEMS = ("state", "data", "config")
+CHECKSUM_KEY = "state_checksums"  # in the data item: leaf path -> {"dtype", "shape", "sum"}
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another training process holds the workdir's lock (``train.lock``, taken by
+    ``efficient_arch.train.run_training``); the message names its pid."""
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -129,6 +146,73 @@ def uncommitted_steps(checkpoint_dir: str | os.PathLike) -> list[str]:
     return sorted(out, key=lambda n: (int(n.split(".")[0]), n))
 
 
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """uint32 checksum of one array: sum over elements of (bit pattern x odd position weight) mod 2^32.
+
+    Every weight is odd (invertible modulo 2^32), so any change of a single element changes the
+    sum; elements moved to other positions change it too (different weights). Integer sums are
+    exact, so the value does not depend on the sharding or the reduction order.
+    """
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    w = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)  # 8-byte: a trailing axis of 2
+    weight = jnp.ones(w.shape, jnp.uint32)
+    for d in range(w.ndim):  # no reshape: keeps the array's sharding
+        i = jax.lax.broadcasted_iota(jnp.uint32, w.shape, d)
+        weight = weight * (i * jnp.uint32((0x9E3779B1 * 2 * (d + 1)) & 0xFFFFFFFF) + jnp.uint32(1))
+    return jnp.sum(w * weight, dtype=jnp.uint32)
+
+
+_checksums_jit = jax.jit(lambda leaves: [_leaf_checksum(x) for x in leaves])
+
+
+def state_checksums(state: Any) -> dict[str, dict]:
+    """Per-leaf checksums of a state pytree, as stored in a checkpoint's ``data`` item.
+
+    One jitted pass over the arrays on their devices (a collective when they span processes, so
+    every process must call it, as every process calls ``save``).
+
+    Returns:
+      ``{leaf path: {"dtype": str, "shape": list, "sum": int}}`` for every array leaf of a
+      supported dtype (1, 2, 4 or 8 bytes per element).
+    """
+    paths, leaves = [], []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if isinstance(leaf, (int, float, bool)):
+            continue
+        if not isinstance(leaf, jax.Array):
+            leaf = jnp.asarray(leaf)
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        if leaf.dtype.itemsize not in (1, 2, 4, 8):
+            continue
+        paths.append(jax.tree_util.keystr(path))
+        leaves.append(leaf)
+    sums = _checksums_jit(leaves) if leaves else []
+    return {p: {"dtype": str(x.dtype), "shape": list(x.shape), "sum": int(np.asarray(s.addressable_data(0)))}
+            for p, x, s in zip(paths, leaves, sums)}
+
+
+def _checksum_mismatches(recorded: Mapping[str, Any], state: Any) -> list[str]:
+    """Leaves whose checksum differs from ``recorded`` (leaves whose dtype or shape changed, or
+    that were not recorded, are not compared)."""
+    now = state_checksums(state)
+    bad = []
+    for path, rec in recorded.items():
+        got = now.get(path)
+        if (got is None or not isinstance(rec, Mapping) or rec.get("dtype") != got["dtype"]
+                or list(rec.get("shape", [])) != got["shape"]):
+            continue
+        if int(rec.get("sum", -1)) != got["sum"]:
+            bad.append(path)
+    return bad
+
+
+class ChecksumMismatch(ValueError):
+    """Restored array data differs from what was saved (the files changed after the save)."""
+
+
 def _to_abstract(leaf: Any) -> Any:
     """A restore target leaf: ShapeDtypeStruct with a concrete sharding."""
     if isinstance(leaf, jax.Array):
@@ -204,6 +288,7 @@ class Checkpointer:
             },
         )
         self._closed = False
+        self.verified = False  # did the last restore compare the recorded checksums
 
     # -- saving ---------------------------------------------------------------
     def should_save(self, step: int, *, force: bool = False) -> bool:
@@ -248,9 +333,10 @@ class Checkpointer:
             raise ValueError(f"step must be >= 0, got {step}")
         if not self.should_save(step, force=force):
             return False
+        data_state = {**dict(data_state), CHECKSUM_KEY: state_checksums(state)}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(dict(data_state)),
+            data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(dict(config)),
         )
         # Our own save_every policy decided; force=True keeps orbax's interval
@@ -281,7 +367,7 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def restore(
-        self, step: int | None, abstract_state: Any
+        self, step: int | None, abstract_state: Any, *, verify: bool = True
     ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """Restore ``(state, data_state, config)`` of a committed checkpoint.
 
@@ -292,13 +378,19 @@ class Checkpointer:
             shardings, e.g. NamedSharding) or jax arrays (their shardings are
             used). Restored arrays come back with exactly these shardings and
             dtypes.
+          verify: compare the restored arrays with the checksums recorded at save time
+            (checkpoints written before checksums existed are not checked).
 
         Returns:
-          (state pytree of jax arrays, data_state dict, config dict).
+          (state pytree of jax arrays, data_state dict as saved, config dict).
+          ``self.verified`` is then True when the checksums were compared (False: not asked, or
+          a checkpoint without checksums).
 
         Raises:
           FileNotFoundError: no committed checkpoint (or not that step).
           ValueError: a ShapeDtypeStruct leaf without a sharding.
+          CorruptCheckpointError: unreadable, truncated or missing items, or array data that
+            does not match its recorded checksums.
         """
         if self._closed:
             raise RuntimeError("Checkpointer is closed")
@@ -326,10 +418,20 @@ class Checkpointer:
             )
             if not isinstance(restored["data"], Mapping) or not isinstance(restored["config"], Mapping):
                 raise ValueError("the data or config item is not a JSON object")
+            data = dict(restored["data"])
+            recorded = data.pop(CHECKSUM_KEY, None)
+            self.verified = bool(verify and isinstance(recorded, Mapping))
+            if self.verified:
+                bad = _checksum_mismatches(recorded, restored["state"])
+                if bad:
+                    raise ChecksumMismatch(
+                        f"the data of {len(bad)} array(s) does not match the checksums recorded when this step was "
+                        "saved, so its files changed after the save (bytes flipped on disk, an in-place edit, a "
+                        f"bad copy): {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
         except Exception as e:  # noqa: BLE001 - orbax / tensorstore / json raise many types
             raise CorruptCheckpointError(self.directory / str(step), step,
                                          [s for s in steps if s < step], e) from e
-        return restored["state"], dict(restored["data"]), dict(restored["config"])
+        return restored["state"], data, dict(restored["config"])
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:

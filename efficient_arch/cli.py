@@ -76,6 +76,28 @@ def _config_fields(node=None, prefix="") -> list[str]:
     return out
 
 
+def did_you_mean(name: str, choices) -> str:
+    """``" (did you mean 'X'?)"`` naming the closest of ``choices`` to the unknown ``name``, or ''.
+
+    The suggestion of the CLI's unknown-field message, also used by sweep overrides.
+    """
+    import difflib
+
+    close = difflib.get_close_matches(name, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field_names(node=None) -> list[str]:
+    from efficient_arch.config import default_config
+
+    node = default_config() if node is None else node
+    out = []
+    for k, v in node.items():
+        out += _field_names(v) if hasattr(v, "items") else []
+        out.append(k)
+    return out
+
+
 def _die(msg: str):
     """Print a usage/config error to stderr and exit with status 2."""
     print(msg, file=sys.stderr)
@@ -144,7 +166,7 @@ def parse_args(cmd: str, argv: list[str]):
         hint = re.search(r'Did you mean "(\w+)"', text)
         bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")]
         _die(f"efficient-arch {cmd}: unknown config field {name!r} in {', '.join(bad) or 'the overrides'}"
-             + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+             + (f" (did you mean {hint.group(1)!r}?)" if hint else did_you_mean(name, _field_names()))
              + "; the fields and their defaults are in efficient_arch/config.py (default_config)")
     except Exception as e:  # the config file itself failed: missing file, unknown size, syntax
         _die(f"efficient-arch {cmd}: could not load the config ({type(e).__name__}: {e})")
@@ -203,6 +225,7 @@ def cmd_train(argv: list[str]) -> int:
             "xla_flops_per_step",
             "xla_vs_analytic_hardware", "peak_flops_per_s", "peak_flops_source", "mfu", "hfu", "device_kind",
             "n_devices", "compile_time_s", "final_train_loss", "final_val_loss", "val_bpb", "val_accuracy"]
+    keys += [k for k in ("skipped_steps", "warning", "accounting_error") if s.get(k)]
     _table(f"summary ({os.path.join(fv.workdir, 'summary.json')})", [(k, _fmt(s.get(k))) for k in keys])
     return 0
 
@@ -311,12 +334,16 @@ def cmd_sweep(argv: list[str]) -> int:
     workdir = args.workdir or os.path.join("runs", sweep.name)
     if args.list:
         for p in sweep.points:
-            d = os.path.join(workdir, p.name)
-            state = "finished" if sweep_lib.is_finished(d) else "to run"
+            state = sweep_lib.point_status(os.path.join(workdir, p.name))
             print(f"{p.name}  [{state}]  {p.config}  {json.dumps(p.overrides)}")
         return 0
     print(f"sweep {sweep.name}: {len(sweep.points)} points in {workdir} (parallel {args.parallel})")
-    rows = sweep_lib.run_sweep(sweep, workdir, parallel=args.parallel)
+    stopped = None
+    try:
+        rows = sweep_lib.run_sweep(sweep, workdir, parallel=args.parallel)
+    except (SystemExit, KeyboardInterrupt) as e:  # a signal: the points wrote checkpoints
+        stopped = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
+        rows = [sweep_lib.result_row(sweep, p, workdir) for p in sweep.points]
     from rich.console import Console
     from rich.table import Table
 
@@ -326,7 +353,15 @@ def cmd_sweep(argv: list[str]) -> int:
         table.add_column(c, justify="left" if c in ("name", "status") else "right")
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in cols])
+    if stopped is not None:
+        import signal
+
+        name = signal.Signals(stopped - 128).name if 128 < stopped < 128 + 65 else f"status {stopped}"
+        print(f"sweep {sweep.name} stopped by {name}: the interrupted point(s) wrote a checkpoint; rerun the same "
+              "command to resume them (finished points are skipped). Partial results:")
     Console().print(table)
+    if stopped is not None:
+        return stopped
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
@@ -425,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"efficient-arch: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    from efficient_arch.checkpoint import CorruptCheckpointError
+    from efficient_arch.checkpoint import CorruptCheckpointError, WorkdirBusyError
     from efficient_arch.config import ConfigError
 
     try:
@@ -435,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CorruptCheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except WorkdirBusyError as e:
+        print(f"workdir error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"training stopped: {e}", file=sys.stderr)

@@ -34,6 +34,7 @@ import os
 import platform
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -500,7 +501,9 @@ def _time_matmul(n: int, dtype: str, repeats: int) -> tuple[float, float]:
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (n, n), jnp.float32).astype(in_dtype)
     b = jax.random.normal(kb, (n, n), jnp.float32).astype(in_dtype)
-    cpu = jax.devices("cpu")[0]
+    # a device of *this* process: in a multi-process run jax.devices("cpu")[0] is process 0's
+    # device, remote elsewhere, and timing a computation there measures nothing (~1e15 FLOP/s)
+    cpu = jax.local_devices(backend="cpu")[0]
     a, b = jax.device_put(a, cpu), jax.device_put(b, cpu)
 
     @jax.jit
@@ -557,6 +560,28 @@ def measure_cpu_matmul_peak(dtype: str = "float32", budget_s: float = 1.5) -> di
     return _measure(dtype, budget_s)
 
 
+# No CPU core does more than ~4e12 FLOP/s (AMX bf16 at ~2 GHz: 2048 FLOP/cycle; AVX-512 float32:
+# ~0.25e12): a calibration above this per usable core timed nothing (e.g. a remote device).
+MAX_PLAUSIBLE_FLOPS_PER_CORE = 1e13
+# A cached peak more than this many times this process's own measurement is not kept (a loaded
+# machine measures a few times low, never thousands of times).
+MAX_CACHED_OVER_MEASURED = 50.0
+
+
+def _implausible(flops_per_s: float, measured: float | None = None) -> str | None:
+    """Why a CPU peak figure cannot be right (None when it is plausible)."""
+    bound = MAX_PLAUSIBLE_FLOPS_PER_CORE * _n_cores()
+    if not math.isfinite(flops_per_s) or flops_per_s <= 0:
+        return f"{flops_per_s!r} is not a positive FLOP/s figure"
+    if flops_per_s > bound:
+        return (f"{flops_per_s:.3e} FLOP/s is above {bound:.1e} ({MAX_PLAUSIBLE_FLOPS_PER_CORE:.0e} per core x "
+                f"{_n_cores()} cores)")
+    if measured and flops_per_s > MAX_CACHED_OVER_MEASURED * measured:
+        return (f"{flops_per_s:.3e} FLOP/s is over {MAX_CACHED_OVER_MEASURED:.0f}x this process's own "
+                f"measurement ({measured:.3e})")
+    return None
+
+
 def _read_cache(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -592,6 +617,12 @@ def calibrate_cpu_peak(
         work loads the machine reads low and would inflate MFU; keeping the maximum makes MFU
         conservative and converges to the machine's peak. Used by training runs.
 
+    Sanity checks (:func:`_implausible`): the matmul runs on a device of this process
+    (``jax.local_devices``); a figure above ``MAX_PLAUSIBLE_FLOPS_PER_CORE`` per usable core is
+    never cached (it timed nothing) and its label says so; a cached figure above that bound, or
+    (``refresh``) over ``MAX_CACHED_OVER_MEASURED`` times this process's measurement, is dropped
+    and replaced by the measurement, with a RuntimeWarning naming the cache file.
+
     Returns:
       (FLOP/s of the whole CPU device, source label such as
       "measured: 1024x1024 float32 matmul calibration (cached <path>)").
@@ -610,7 +641,24 @@ def calibrate_cpu_peak(
     if refresh and not force:
         cached = _read_cache(path).get(key)
         result = _measure(key_dtype)
+        bad = _implausible(float(result["flops_per_s"]))
+        if bad:  # never cached; the figure is returned with a label saying what to do
+            msg = (f"IMPLAUSIBLE CPU matmul calibration in this process ({bad}; {result['n']}x{result['n']} in "
+                   f"{result.get('best_matmul_s', float('nan')):.3g} s): not cached, MFU is meaningless; pass "
+                   "--config.flops.peak_flops=<FLOP/s per device>")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return float(result["flops_per_s"]), msg
         best = float(cached["flops_per_s"]) if isinstance(cached, dict) else 0.0
+        dropped = _implausible(best, float(result["flops_per_s"])) if best else None
+        if dropped:  # e.g. written by a multi-process run that timed a remote device
+            msg = (f"dropped the cached CPU peak of {path} (key {key}): {dropped}; replaced by this process's "
+                   "measurement")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            result["fingerprint"] = fp
+            _write_cache_entry(cache_root, path, key, result)
+            return float(result["flops_per_s"]), (
+                f"measured: {result['n']}x{result['n']} {key_dtype} matmul calibration in this process "
+                f"(cached {path}; {msg})")
         if result["flops_per_s"] <= best:
             n = cached.get("n", "?")
             return best, (f"measured: best {key_dtype} matmul calibration on this machine ({n}x{n}, "
@@ -619,18 +667,25 @@ def calibrate_cpu_peak(
         label = (f"measured: {result['n']}x{result['n']} {key_dtype} matmul calibration in this process, "
                  f"the best on this machine so far (cached {path})")
         result["fingerprint"] = fp
-        _write_cache_entry(cache_root, path, key, result)
+        _write_cache_entry(cache_root, path, key, result, keep_best=True)
         return float(result["flops_per_s"]), label
 
     if not force:
         entry = _read_cache(path).get(key)
-        if isinstance(entry, dict) and float(entry.get("flops_per_s", 0)) > 0:
+        if isinstance(entry, dict) and float(entry.get("flops_per_s", 0)) > 0 \
+                and not _implausible(float(entry["flops_per_s"])):
             n = entry.get("n", "?")
             return float(entry["flops_per_s"]), (
                 f"measured: {n}x{n} {key_dtype} matmul calibration (cached {path})"
             )
 
     result = _measure(key_dtype)
+    bad = _implausible(float(result["flops_per_s"]))
+    if bad:
+        msg = (f"IMPLAUSIBLE CPU matmul calibration ({bad}): not cached, MFU is meaningless; pass "
+               "--config.flops.peak_flops=<FLOP/s per device>")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return float(result["flops_per_s"]), msg
     result["fingerprint"] = fp
     label = f"measured: {result['n']}x{result['n']} {key_dtype} matmul calibration (cached {path})"
     err = _write_cache_entry(cache_root, path, key, result)
@@ -639,16 +694,28 @@ def calibrate_cpu_peak(
     return float(result["flops_per_s"]), label
 
 
-def _write_cache_entry(cache_root: Path, path: Path, key: str, result: dict) -> str | None:
-    """Atomically store ``result`` under ``key`` in the cache file; returns an error text or None."""
+def _write_cache_entry(cache_root: Path, path: Path, key: str, result: dict,
+                       keep_best: bool = False) -> str | None:
+    """Atomically store ``result`` under ``key`` in the cache file; returns an error text or None.
+
+    ``keep_best``: leave a (plausible) better entry that another process wrote meanwhile.
+    """
+    import fcntl
+
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
-        data = _read_cache(path)
-        data[key] = result
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: readers never see a half-written file
+        with open(path.with_name(path.name + ".lock"), "a") as lock:  # processes writing at once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = _read_cache(path)
+            old = data.get(key)
+            if keep_best and isinstance(old, dict) and not _implausible(float(old.get("flops_per_s", 0))) \
+                    and float(old["flops_per_s"]) >= float(result["flops_per_s"]):
+                return None
+            data[key] = result
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)  # atomic: readers never see a half-written file
     except OSError as e:
         return str(e)
     return None

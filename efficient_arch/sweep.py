@@ -22,6 +22,13 @@ with its error and the sweep goes on. Points run one after another in this proce
 ``parallel=N > 1``, ``N`` at a time as subprocesses (``python -m efficient_arch.sweep --run-point
 DIR``). After every point ``<workdir>/results.jsonl`` and ``results.csv`` are rewritten: one row
 per point (:data:`RESULT_COLUMNS` plus the swept fields).
+
+Signals: SIGTERM / SIGINT to the sweep is forwarded to the running point processes (each in its
+own session, so a terminal's Ctrl-C reaches them once, through the sweep), which write a
+checkpoint and exit; the sweep starts no new point, waits for them and exits with 128 + N, so no
+trainer outlives it. An in-process point handles the signal itself. A point whose workdir lock
+(``train.lock``, held by its training process) is taken is skipped, so two trainers never share
+a point's workdir.
 """
 
 from __future__ import annotations
@@ -99,7 +106,9 @@ def _canon(v):
 def _slug(point: dict, swept: tuple) -> str:
     parts = []
     for k in swept:
-        v = point.get(k)
+        if k not in point:  # a key only other points set (POINTS entries with different keys)
+            continue
+        v = point[k]
         if k == "config":
             file, _, arg = str(v).partition(":")
             parts.append(os.path.splitext(os.path.basename(file))[0] + (f"_{arg}" if arg else ""))
@@ -191,11 +200,13 @@ def resolve_config_path(spec: str) -> tuple[str, str | None]:
       FileNotFoundError: the file is in neither place.
     """
     file, _, arg = spec.partition(":")
-    for root in (os.getcwd(), REPO_ROOT):
+    roots = list(dict.fromkeys(os.path.realpath(r) for r in (os.getcwd(), REPO_ROOT)))
+    for root in roots:
         p = file if os.path.isabs(file) else os.path.join(root, file)
         if os.path.isfile(p):
             return os.path.abspath(p), (arg or None)
-    raise FileNotFoundError(f"config file {file!r} not found (looked in {os.getcwd()} and {REPO_ROOT})")
+    where = file if os.path.isabs(file) else " and ".join(roots)
+    raise FileNotFoundError(f"config file {file!r} not found (looked in {where})")
 
 
 def build_config(config: str, overrides: dict):
@@ -218,10 +229,26 @@ def build_config(config: str, overrides: dict):
                 raise KeyError(leaf)
             node[leaf] = tuple(value) if isinstance(value, list) else value
         except (KeyError, AttributeError) as e:
-            raise KeyError(f"override {key}={value!r}: unknown config field {key!r}") from e
+            raise KeyError(f"override {key}={value!r}: unknown config field {key!r}{_suggest_field(cfg, key)}"
+                           + "; the fields and their defaults are in efficient_arch/config.py (default_config)") from e
         except (TypeError, ValueError) as e:
             raise TypeError(f"override {key}={value!r}: {e}") from e
     return cfg
+
+
+def _suggest_field(cfg, key: str) -> str:
+    """`` (did you mean 'model.n_layers'?)`` for an unknown dotted field, as the CLI says it."""
+    from efficient_arch.cli import did_you_mean
+
+    node, prefix = cfg, []
+    for part in key.split("."):
+        if not hasattr(node, "keys"):
+            return ""
+        if part in node:
+            node, prefix = node[part], prefix + [part]
+            continue
+        return did_you_mean(".".join(prefix + [part]), [".".join(prefix + [k]) for k in node.keys()])
+    return ""
 
 
 # ----------------------------------------------------------------------------- one point
@@ -319,10 +346,22 @@ def _run_in_process(point_dir: str) -> dict:
         return run_point(point_dir)
 
 
-def _run_subprocess(point_dir: str, env: dict | None = None) -> tuple[dict, int]:
+def _run_subprocess(point_dir: str, env: dict | None = None, signals: "_Signals | None" = None) -> tuple[dict, int]:
+    """Run one point as ``python -m efficient_arch.sweep --run-point DIR`` and wait for it.
+
+    The child gets its own session (process group): a terminal's Ctrl-C reaches only the sweep,
+    which forwards it once (``signals``), so the child checkpoints instead of seeing it twice.
+    """
     cmd = [sys.executable, "-m", "efficient_arch.sweep", "--run-point", point_dir]
     with open(os.path.join(point_dir, LOG_FILE), "a") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if signals is not None:
+            signals.started(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            if signals is not None:
+                signals.ended(proc)
     path = os.path.join(point_dir, POINT_FILE)
     rec = _read_json(path) or {}
     if rec.get("status") in ("running", "pending", None):  # the child died before recording
@@ -333,6 +372,103 @@ def _run_subprocess(point_dir: str, env: dict | None = None) -> tuple[dict, int]
         rec.pop("pid", None)
         _write_json(path, rec)
     return rec, rc
+
+
+class _Signals:
+    """The sweep's SIGTERM / SIGINT handler (installed from the main thread only).
+
+    Parallel points: each signal is forwarded to every running point process (they write a
+    checkpoint and exit; a second signal, forwarded too, kills them at once); the sweep starts no
+    new point and exits with 128 + N once they are gone, so no trainer outlives it. In-process
+    points install their own handler while they train; outside training (``raise_now``) the
+    sweep stops at once.
+    """
+
+    def __init__(self, raise_now: bool):
+        self.signum = None
+        self.raise_now = raise_now
+        self.children: set = set()
+        self._lock = threading.Lock()
+        self._old: dict = {}
+
+    def install(self) -> None:
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        import signal
+
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def __call__(self, signum, frame):
+        import signal
+
+        first = self.signum is None
+        if first:
+            self.signum = signum
+        kids = list(self.children)  # no lock in a handler: the main thread may hold it
+        for proc in kids:
+            try:
+                proc.send_signal(signum)
+            except (ProcessLookupError, OSError):
+                pass
+        name = signal.Signals(signum).name
+        if kids:
+            msg = (f"\nsweep: {name} forwarded to the {len(kids)} running point(s), which write a checkpoint "
+                   "and exit; no new point starts" + ("; send it again to kill them at once" if first else "") + "\n")
+        else:
+            msg = f"\nsweep: {name}: stopping\n"
+        try:
+            os.write(2, msg.encode())
+        except OSError:
+            pass
+        if self.raise_now and not kids:
+            raise SystemExit(128 + signum)
+
+    def started(self, proc) -> None:
+        with self._lock:
+            self.children.add(proc)
+            late = self.signum
+        if late is not None:  # the signal came while this child was starting
+            try:
+                proc.send_signal(late)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def ended(self, proc) -> None:
+        with self._lock:
+            self.children.discard(proc)
+
+
+def point_status(point_dir: str) -> str:
+    """``finished``, ``running (pid N on HOST since ...)`` (a trainer holds the workdir lock),
+    ``failed``, ``interrupted`` or ``to run``: what ``sweep --list`` shows."""
+    if is_finished(point_dir):
+        return "finished"
+    from efficient_arch.train import workdir_holder
+
+    holder = workdir_holder(point_dir)
+    if holder:
+        return f"running ({holder})"
+    rec = _read_json(os.path.join(point_dir, POINT_FILE)) or {}
+    return rec.get("status") if rec.get("status") in ("failed", "interrupted") else "to run"
+
+
+def _adopt_renamed(workdir: str, point: Point, log) -> None:
+    """A point directory named by an older naming rule (same hash suffix) is renamed to the
+    point's current name, so its runs are reused (the hash covers the config and overrides)."""
+    d = os.path.join(workdir, point.name)
+    if os.path.exists(d) or not os.path.isdir(workdir):
+        return
+    suffix = "-" + point.name.rsplit("-", 1)[-1]
+    old = [n for n in os.listdir(workdir) if n.endswith(suffix) and os.path.isdir(os.path.join(workdir, n))]
+    if len(old) == 1:
+        os.rename(os.path.join(workdir, old[0]), d)
+        log(f"{old[0]}: renamed to {point.name} (the point's name now leaves out fields it does not set)")
 
 
 # ----------------------------------------------------------------------------- results
@@ -432,61 +568,84 @@ def run_sweep(sweep: Sweep | str, workdir: str, *, parallel: int = 1, log=print)
         sweep = load_sweep(sweep)
     if not isinstance(parallel, int) or parallel < 1:
         raise SweepError(f"parallel={parallel!r}: must be a positive number of concurrent points")
+    from efficient_arch.train import workdir_holder
+
     os.makedirs(workdir, exist_ok=True)
+    log_lock = threading.RLock()  # one line at a time: points finish in worker threads
+
+    def say(msg: str) -> None:
+        with log_lock:
+            log(msg)
+
+    n = len(sweep.points)
     todo = []
     for i, p in enumerate(sweep.points):
+        _adopt_renamed(workdir, p, say)
         d = os.path.join(workdir, p.name)
+        holder = workdir_holder(d)
+        if holder:  # never a second trainer in a point's workdir
+            say(f"[{i + 1}/{n}] {p.name}: skipped, its workdir is in use by another trainer ({holder}); "
+                "rerun the sweep once it has finished")
+            continue
         _prepare(p, d)
         if is_finished(d):
-            log(f"[{i + 1}/{len(sweep.points)}] {p.name}: finished, skipped")
+            say(f"[{i + 1}/{n}] {p.name}: finished, skipped")
         else:
             todo.append((i, p, d))
     write_results(sweep, workdir)
-    lock = threading.Lock()
-    n = len(sweep.points)
 
     def report(i, p, rec, dt):
-        with lock:
+        with log_lock:
             msg = f"[{i + 1}/{n}] {p.name}: {rec.get('status')} in {dt:.1f} s"
-            if rec.get("status") != "ok" and rec.get("error"):
+            if rec.get("status") == "interrupted":
+                msg += " (its checkpoint is written; rerun the sweep to resume it)"
+            elif rec.get("status") != "ok" and rec.get("error"):
                 msg += f" ({rec['error'].splitlines()[0][:300]})"
             log(msg)
             write_results(sweep, workdir)
 
+    signals = _Signals(raise_now=parallel == 1)
+    signals.install()
     try:
         if parallel == 1:
             for i, p, d in todo:
-                log(f"[{i + 1}/{n}] {p.name}: running")
+                say(f"[{i + 1}/{n}] {p.name}: running")
                 t0 = time.perf_counter()
-                rec = _run_in_process(d)
+                try:
+                    rec = _run_in_process(d)
+                except (SystemExit, KeyboardInterrupt):
+                    report(i, p, _read_json(os.path.join(d, POINT_FILE)) or {"status": "interrupted"},
+                           time.perf_counter() - t0)
+                    raise
                 report(i, p, rec, time.perf_counter() - t0)
         else:
-            _run_parallel(todo, parallel, report, log, n)
+            _run_parallel(todo, parallel, report, say, n, signals)
     finally:
+        signals.restore()
         rows = write_results(sweep, workdir)
     return rows
 
 
-def _run_parallel(todo, parallel: int, report, log, n: int) -> None:
+def _run_parallel(todo, parallel: int, report, log, n: int, signals: _Signals) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    stop = threading.Event()
     interrupted: list[int] = []
 
     def one(item):
         i, p, d = item
-        if stop.is_set():
+        if signals.signum is not None or interrupted:
             return
         log(f"[{i + 1}/{n}] {p.name}: running (subprocess)")
         t0 = time.perf_counter()
-        rec, rc = _run_subprocess(d)
+        rec, rc = _run_subprocess(d, signals=signals)
         if rec.get("status") == "interrupted":
-            stop.set()
             interrupted.append(rc)
         report(i, p, rec, time.perf_counter() - t0)
 
     with ThreadPoolExecutor(max_workers=parallel) as ex:
         list(ex.map(one, todo))
+    if signals.signum is not None:
+        raise SystemExit(128 + signals.signum)
     if interrupted:
         raise SystemExit(interrupted[0] or 130)
 

@@ -378,7 +378,8 @@ def run_table(name: str, *, size: str = "full", workdir: str | None = None, out_
             + (f", {len(ctx.results)} training runs in `{workdir}` ({train_s:.0f} s of training, "
                "summed over the points" + (f", and {eval_s:.0f} s of the table's own evaluations"
                                           if eval_s else "") + ")" if ctx.sweep is not None else "")
-            + f"; this invocation: {wall:.0f} s (it reuses finished points and cached evaluations)."]
+            + f"; this invocation: {wall:.0f} s"
+            + (" (it reuses finished points and cached evaluations)." if ctx.sweep is not None else ".")]
     loads = [v for run in (_read_json(os.path.join(workdir, "table_runs.json")) or [])
              for v in (run.get("load_start"), run.get("load_end")) if v is not None]
     if loads:

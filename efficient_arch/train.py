@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from efficient_arch import parallel
+from efficient_arch.checkpoint import WorkdirBusyError
 from efficient_arch.config import TASK_SOURCES
 from efficient_arch.ops import scan as scan_lib
 from efficient_arch.ops.cross_entropy import linear_cross_entropy
@@ -261,13 +262,115 @@ def build(cfg, mesh: Mesh) -> Run:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT: the loop finishes the current step, checkpoints and exits."""
+    """Handler of SIGTERM/SIGINT: the loop finishes the current step, checkpoints and exits.
+
+    The first signal restores the default handlers (so a second SIGTERM / SIGINT kills a process
+    stuck while stopping at once, keeping the last committed checkpoint) and says so on stderr.
+    """
 
     def __init__(self):
         self.signum = None
 
     def __call__(self, signum, frame):
-        self.signum = signum
+        import signal
+
+        if self.signum is None:
+            self.signum = signum
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        msg = (f"\nefficient-arch: received {name}: finishing the current step, then writing a checkpoint "
+               f"and exiting with status {128 + signum}; send {name} again to exit at once without that "
+               "checkpoint (the last committed one is kept)\n")
+        try:  # os.write: safe inside a signal handler, whatever the main thread was printing
+            os.write(2, msg.encode())
+        except OSError:
+            pass
+
+
+def _agree_stop(local_signum: int | None) -> list[tuple[int, int]]:
+    """The processes that received a stop signal, agreed on by every process at this step.
+
+    One process alone must never stop to write a checkpoint (a collective) while the others go
+    on training: every process calls this once per step, at the same point of the loop, and they
+    all stop at the same step when any of them was signalled. With several processes that is one
+    all-gather of an int32 per step (about 3 ms on the 2 x 4-CPU-device tiny run, whose step takes
+    about 200 ms); with one process, no communication.
+
+    Returns:
+      ``[(process index, signal number), ...]`` of the signalled processes ([] when none).
+    """
+    if jax.process_count() == 1:
+        return [(0, local_signum)] if local_signum else []
+    from jax.experimental import multihost_utils
+
+    got = np.asarray(multihost_utils.process_allgather(np.int32(local_signum or 0))).reshape(-1)
+    return [(i, int(s)) for i, s in enumerate(got) if s]
+
+
+LOCK_FILE = "train.lock"
+
+
+def _try_lock(path: str):
+    """``(open file holding an exclusive flock on path, None)`` or ``(None, holder text)``."""
+    import fcntl
+
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that wrote no pid"
+        f.close()
+        return None, holder
+    return f, None
+
+
+def _lock_workdir(workdir: str, record: bool = True):
+    """Take the exclusive lock of ``workdir`` (``fcntl.flock`` on ``<workdir>/train.lock``).
+
+    The lock lives as long as the returned open file (released by ``close()`` or when the process
+    ends, however it ends); with ``record`` the file then holds this process's pid, host and start
+    time (without, its content is left as it was). Remote paths (``gs://...``) are not locked
+    (returns None).
+
+    Raises:
+      WorkdirBusyError: another process holds the lock.
+    """
+    import socket
+    import time
+
+    if "://" in workdir:
+        return None
+    path = os.path.join(workdir, LOCK_FILE)
+    f, holder = _try_lock(path)
+    if f is None:
+        raise WorkdirBusyError(
+            f"{workdir} is in use by another training process ({holder}; it holds the lock {path}); two "
+            "trainers must never share a workdir. Wait for it to finish, or stop it (kill -TERM <pid>: it "
+            "writes a checkpoint and exits) and rerun to resume, or use another --workdir")
+    if not record:
+        return f
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def workdir_holder(workdir: str) -> str | None:
+    """Who holds ``workdir``'s training lock ("pid N on HOST since ..."), or None when it is free
+    (or has never been locked). Changes nothing."""
+    path = os.path.join(workdir, LOCK_FILE)
+    if "://" in workdir or not os.path.isfile(path):
+        return None
+    try:
+        f, holder = _try_lock(path)
+    except OSError:
+        return None
+    if f is not None:
+        f.close()
+    return holder
 
 
 # Config fields that may change between runs of one workdir: they leave the training trajectory
@@ -408,6 +511,56 @@ def _restore_data(it, data_state: dict, info: dict) -> None:
                           "(seq_len, batch_size, seed) differ from the checkpoint's: use a new --workdir") from e
 
 
+def _kept(ckpt) -> str:
+    """What the NaN messages say about the checkpoint left to resume from."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return "no checkpoint was written yet"
+    return f"the last committed checkpoint (step {latest}) is kept"
+
+
+def _nan_fix(*, skip: bool = False, data: bool = False) -> str:
+    """The fix a NaN message names: a changed lr / warmup is a different experiment for the workdir."""
+    return ("Lower train.lr or raise train.warmup_steps" + (", or check the data" if data else "")
+            + ", and rerun with --overwrite (it moves this workdir aside: the workdir refuses a changed lr or "
+            "warmup as a different experiment) or with a new --workdir"
+            + ("; or set train.nan_policy=skip to skip such steps" if skip else ""))
+
+
+def _after_resume_note(start_step: int, step: int, verified: bool) -> str:
+    """Said when the first step after a resume is non-finite: the restored state is suspect."""
+    if start_step == 0 or step != start_step + 1:
+        return ""
+    if verified:
+        return (f". This is the first step after resuming from the step-{start_step} checkpoint, whose arrays "
+                "match the checksums recorded when it was saved: the saved state itself (finite, but possibly "
+                "exploded by the updates before it) or a changed setting is the likely cause")
+    return (f". This is the first step after resuming from the step-{start_step} checkpoint, which has no "
+            "save-time checksums (written by an older version) and may be damaged on disk: to resume from "
+            "the previous committed step instead, move its folder aside (a non-integer name is ignored)")
+
+
+def _steps_change_warning(saved: dict, cfg, step: int) -> str | None:
+    """Warning when a resumed run changed ``train.steps``: the lr schedule is stretched (or shrunk)."""
+    import types
+
+    old = (saved.get("train") or {}).get("steps") if isinstance(saved, dict) else None
+    new = int(cfg.train.steps)
+    if old is None or int(old) == new:
+        return None
+    old = int(old)
+    t_new = cfg.train
+    t_old = types.SimpleNamespace(**{**t_new.to_dict(), "steps": old})
+    lr_old, lr_new = float(make_schedule(t_old)(step)), float(make_schedule(t_new)(step))
+    end = t_new.lr * t_new.min_lr_ratio
+    return (f"warning: train.steps changed from {old} (the checkpoint's) to {new}: the warmup-cosine "
+            f"learning-rate schedule is recomputed over {new} steps, so step {step + 1} trains at lr "
+            f"{lr_new:.3g} where the original schedule was at {lr_old:.3g}, and the lr then decays to {end:.3g} "
+            f"at step {new}. Steps 1-{step} followed the {old}-step schedule, so this is not the run a "
+            f"{new}-step schedule from step 0 gives; for that, train from scratch in a new --workdir (or "
+            "with --overwrite).")
+
+
 def evaluate(run: Run, params, batches: list[dict]) -> dict[str, float]:
     """Validation loss (nats/token) and bits per byte over ``batches`` (host numpy batches).
 
@@ -448,14 +601,20 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
         (:func:`config_diff`) is refused.
 
     Raises:
-      ConfigError: invalid config (before anything compiles).
+      ConfigError: invalid config, data or workdir (before anything compiles, and before
+        ``overwrite`` moves anything).
+      WorkdirBusyError: another training process holds the workdir's lock (``train.lock``).
       ValueError: incompatible checkpoint config; bad data.
       FloatingPointError: non-finite loss or gradient norm under ``train.nan_policy="stop"``, or
-        ``train.max_skipped_steps`` consecutive skipped steps under ``"skip"``; the message names
-        the step, and the last committed checkpoint (never one with non-finite params) is kept.
-      CorruptCheckpointError: the latest committed checkpoint cannot be read; the message names
-        its folder and the fix (move it aside to resume from the previous step). Nothing is
-        deleted and no earlier step is restored without being asked.
+        ``train.max_skipped_steps`` consecutive skipped steps under ``"skip"``, or (``"skip"``)
+        every step of this invocation skipped up to ``train.steps``; the message names the step,
+        and the last committed checkpoint (never one with non-finite params) is kept.
+      CorruptCheckpointError: the latest committed checkpoint cannot be read or its arrays do not
+        match their save-time checksums; the message names its folder and the fix (move it aside
+        to resume from the previous step). Nothing is deleted and no earlier step is restored
+        without being asked.
+      SystemExit(128 + N): stopped by signal N (SIGTERM / SIGINT) after writing a checkpoint; with
+        several processes, all of them stop at the same step when any one was signalled.
     """
     import signal
     import statistics
@@ -481,25 +640,16 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
             f"{jax.local_device_count()} local / {jax.device_count()} global devices")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir!r} is an existing file, not a directory; choose another --workdir")
-    if overwrite:
-        try:
-            moved = move_aside(workdir) if is_main else None
-        except OSError as e:
-            raise ConfigError(f"--overwrite: could not move {workdir} aside ({e}); nothing was changed. "
-                              "Move or rename it yourself, or choose another --workdir") from e
-        if jax.process_count() > 1:  # the others must not look at the workdir before it moved
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("efficient_arch overwrite")
-        if moved:
-            say(f"--overwrite: moved the old {workdir} to {moved} (nothing deleted); starting fresh")
-    _check_compatible(read_config(workdir), cfg, workdir)
-    done = _finished_step(workdir)
-    if done is not None and done >= t.steps:
-        say(f"{workdir} is already trained to step {done} (train.steps={t.steps}); nothing to do. "
-            "Raise --config.train.steps to continue, or use a new --workdir.")
-        summary_path = os.path.join(workdir, "summary.json")
-        return json.load(open(summary_path)) if os.path.exists(summary_path) else {"steps": done}
+    saved_cfg = None
+    if not overwrite:  # (with --overwrite the old workdir is moved aside below, once all is validated)
+        saved_cfg = read_config(workdir)
+        _check_compatible(saved_cfg, cfg, workdir)
+        done = _finished_step(workdir)
+        if done is not None and done >= t.steps:
+            say(f"{workdir} is already trained to step {done} (train.steps={t.steps}); nothing to do. "
+                "Raise --config.train.steps to continue, or use a new --workdir.")
+            summary_path = os.path.join(workdir, "summary.json")
+            return json.load(open(summary_path)) if os.path.exists(summary_path) else {"steps": done}
 
     try:  # bad data path / contents / a corpus too short for one sequence: config-level errors
         source = load_source(cfg)
@@ -517,15 +667,45 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     mesh = parallel.make_mesh(cfg, devices)
     run = build(cfg, mesh)
 
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--workdir={workdir!r} cannot be created ({e}); choose another --workdir") from e
+    # Everything is validated: now (process 0) move an old workdir aside if asked, create the
+    # workdir and take its lock, so that no two trainers ever share it.
+    lock, problem = None, None
+    if is_main:
+        try:
+            if overwrite and os.path.isdir(workdir) and os.listdir(workdir):
+                old = _lock_workdir(workdir, record=False)  # never move a workdir another trainer uses
+                try:
+                    moved = move_aside(workdir)
+                except OSError as e:
+                    raise ConfigError(f"--overwrite: could not move {workdir} aside ({e}); nothing was changed. "
+                                      "Move or rename it yourself, or choose another --workdir") from e
+                finally:
+                    if old is not None:
+                        old.close()
+                say(f"--overwrite: moved the old {workdir} to {moved} (nothing deleted); starting fresh")
+            try:
+                os.makedirs(workdir, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"--workdir={workdir!r} cannot be created ({e}); choose another --workdir") from e
+            lock = _lock_workdir(workdir)
+        except (ConfigError, WorkdirBusyError) as e:
+            problem = e
+    if jax.process_count() > 1:  # the others wait for the workdir (and learn if process 0 refused)
+        from jax.experimental import multihost_utils
+
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(problem is None)))
+        if not ok and problem is None:
+            problem = WorkdirBusyError(f"process 0 could not prepare --workdir={workdir!r}; its output says why")
+        if problem is None and not is_main:
+            os.makedirs(workdir, exist_ok=True)
+    if problem is not None:
+        raise problem
+
     stale = uncommitted_steps(os.path.join(workdir, "checkpoints"))  # orbax removes them on open
     ckpt = Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every)
     stop = _StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, enabled=False)  # the real one once the checkpoint restored
     try:
         with jax.set_mesh(mesh):
             latest = ckpt.latest_step()
@@ -535,13 +715,19 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
                     + (f"resuming from the last committed step {latest}" if latest is not None
                        else "no committed checkpoint: starting from step 0"))
             loop = {"skipped_steps": 0, "consecutive_skips": 0}
+            verified = False
             if latest is not None:
-                state, data_state, _ = ckpt.restore(latest, run.abstract_state)
+                state, data_state, ckpt_cfg = ckpt.restore(latest, run.abstract_state)
+                verified = ckpt.verified
                 _restore_data(it, data_state, info)
                 loop.update({k: int(v) for k, v in (data_state.get("loop") or {}).items() if k in loop})
                 say(f"resumed from step {latest} in {workdir}")
+                warning = _steps_change_warning(ckpt_cfg, cfg, latest)
+                if warning:
+                    say(warning)
             else:
                 state = run.init_state()
+            writer = MetricsWriter(workdir, enabled=is_main)  # nothing written before the restore worked
             moved = writer.rewind(latest if latest is not None else -1)
             if moved:
                 say(f"moved {moved} metrics row(s) logged after step {latest if latest is not None else 0} "
@@ -559,6 +745,8 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
                 f"peak {peak:.3e} FLOP/s/device ({peak_src})")
 
             step = int(jax.device_get(state["step"]))
+            start_step = step
+            run_skips = 0  # skipped steps of this invocation
             if step == 0:  # the starting point of the validation curve
                 writer.write(0, evaluate(run, state["params"], eval_batches))
             step_times: list[float] = []
@@ -578,24 +766,37 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
                 if not (math.isfinite(loss) and math.isfinite(gnorm)):
                     what = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
                             f"(loss {loss}, grad_norm {gnorm}) at step {step}")
+                    after_resume = _after_resume_note(start_step, step, verified)
                     if t.nan_policy == "stop":  # never checkpoint NaN params
                         ckpt.wait()
+                        bar.close()
                         raise FloatingPointError(
-                            f"{what}; nothing from this step was saved and the last committed checkpoint "
-                            f"(step {ckpt.latest_step()}) is kept. Lower train.lr or raise train.warmup_steps "
-                            "(or set train.nan_policy=skip to skip such steps)")
+                            f"{what}; nothing from this step was saved and {_kept(ckpt)}. {_nan_fix(skip=True)}"
+                            f"{after_resume}")
                     loop["skipped_steps"] += 1  # the jitted step kept the old params and moments
                     loop["consecutive_skips"] += 1
+                    run_skips += 1
                     say(f"{what}: update skipped ({loop['consecutive_skips']} in a row, "
                         f"{loop['skipped_steps']} in total; train.nan_policy=skip)")
                     if loop["consecutive_skips"] >= t.max_skipped_steps:
                         ckpt.wait()
+                        bar.close()
                         raise FloatingPointError(
                             f"{what}: {loop['consecutive_skips']} consecutive steps skipped "
                             f"(train.max_skipped_steps={t.max_skipped_steps}); stopping. Nothing from the "
-                            f"skipped steps was saved and the last committed checkpoint (step "
-                            f"{ckpt.latest_step()}) is kept. Lower train.lr or raise train.warmup_steps, or "
-                            "check the data")
+                            f"skipped steps was saved and {_kept(ckpt)}. {_nan_fix(data=True)}{after_resume}")
+                    if step == t.steps and run_skips == step - start_step:
+                        ckpt.wait()
+                        bar.close()
+                        raise FloatingPointError(
+                            f"{what}: every one of the {run_skips} steps run since step {start_step} was skipped "
+                            f"(train.nan_policy=skip), so the run reached train.steps={t.steps} without a single "
+                            "update; it is not marked finished (no final checkpoint, no summary.json). The "
+                            f"parameters are still those of step {start_step}"
+                            + (" (the restored checkpoint)" if latest is not None else " (the initialization)")
+                            + ": finite, but possibly damaged by an earlier update that overflowed without "
+                            "producing a NaN (a checkpoint is only checked to be finite, not healthy). "
+                            + _nan_fix() + after_resume)
                 else:
                     loop["consecutive_skips"] = 0
                 if step % t.log_every == 0 or step == t.steps:
@@ -617,22 +818,30 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
                 t_save = time.perf_counter()
                 ckpt.save(step, state, _data_state(it, info, loop), cfg.to_dict(), force=step == t.steps)
                 interval_t += time.perf_counter() - t_save  # checkpointing excluded from tokens/s
-                if stop.signum is not None:
+                stopping = _agree_stop(stop.signum)  # every process, every step: the same answer
+                if stopping:
                     ckpt.save(step, state, _data_state(it, info, loop), cfg.to_dict(), force=True)
                     ckpt.wait()
                     bar.close()
-                    say(f"stopped by signal {stop.signum} at step {step}; checkpoint written. "
+                    signum = stopping[0][1]
+                    name = signal.Signals(signum).name
+                    who = "" if jax.process_count() == 1 else (
+                        " (received by process " + ", ".join(str(p) for p, _ in stopping) + "; every process stopped "
+                        "at this step)")
+                    say(f"stopped by signal {signum} ({name}){who} at step {step}; checkpoint written. "
                         "Rerun the same command to resume.")
-                    raise SystemExit(128 + stop.signum)
+                    raise SystemExit(128 + signum)
             bar.close()
             ckpt.wait()
             if not val:
                 val = evaluate(run, state["params"], eval_batches)
     finally:
+        writer.close()
+        ckpt.close()  # waits for a save in flight: still under this loop's signal handler
+        if lock is not None:
+            lock.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        writer.close()
-        ckpt.close()
 
     warm = step_times[2:] or step_times
     step_time = statistics.median(warm) if warm else float("nan")
@@ -667,6 +876,12 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
         "skipped_steps": loop["skipped_steps"],
         "data": {k: v for k, v in info.items() if isinstance(v, (int, float, str, type(None)))},
     }
+    if loop["consecutive_skips"]:  # the run ended inside a streak of skipped steps: say so
+        n = loop["consecutive_skips"]
+        summary["warning"] = (
+            f"the last {n} step(s) were skipped (non-finite loss or gradient norm, train.nan_policy=skip): "
+            f"the final parameters are those of step {step - n}, and the streak might have continued")
+        say(f"WARNING: {summary['warning']}")
     if summary["mfu"] > 1 or summary["hfu"] > 1:  # never report >100% silently
         summary["accounting_error"] = (
             f"MFU {summary['mfu']:.1%} / HFU {summary['hfu']:.1%} exceed 100%: the peak "

@@ -266,6 +266,72 @@ def test_kill_9_during_async_save(corpus, tmp_path, capsys):
         assert (r["loss"], r["grad_norm"], r["lr"]) == tuple(rows[r["step"]][k] for k in ("loss", "grad_norm", "lr"))
 
 
+# Child: the tiny run sends itself SIGTERM right after step 3 is logged; the forced save of
+# step 3 that follows never commits (its final rename hangs, printing HANG): a process stuck
+# while stopping, which a second SIGTERM must kill at once.
+STUCK_STOP_CHILD = r"""
+import asyncio, os, signal, sys, pathlib
+import jax
+cache = os.environ.get("EFFICIENT_ARCH_TEST_JAX_CACHE")
+if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from orbax.checkpoint._src.path import atomicity
+real = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self, *a, **k):
+    if self.get_final().name == "3":
+        print("HANG", flush=True)
+        await asyncio.sleep(3600)
+    return await real(self, *a, **k)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+from efficient_arch import metrics
+write = metrics.MetricsWriter.write
+
+def write_then_sigterm(self, step, row):
+    write(self, step, row)
+    if step == 3 and "loss" in row:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+metrics.MetricsWriter.write = write_then_sigterm
+import test_fault_tolerance as ft
+from efficient_arch import train
+train.run_training(ft.tiny_run_config(pathlib.Path(sys.argv[2])), sys.argv[1], progress=False)
+"""
+
+
+def test_second_sigterm_kills_a_process_stuck_while_stopping(corpus, tmp_path):
+    """The first SIGTERM starts the stop (and says on stderr that a second one exits at once); the
+    stop's checkpoint hangs; a second SIGTERM kills the process (it used to be swallowed, leaving
+    it hung). The last committed checkpoint (step 2) is kept, the cut save never counts."""
+    import signal
+    import threading
+
+    from efficient_arch.checkpoint import committed_steps
+
+    work = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_STOP_CHILD, str(work), str(corpus)], env=child_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith("HANG"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.wait(timeout=120)
+        err = proc.stderr.read()
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err[-3000:]
+    assert "received SIGTERM: finishing the current step, then writing a checkpoint and exiting with status 143; " \
+           "send SIGTERM again to exit at once" in err
+    assert committed_steps(work / "checkpoints") == [2]
+
+
 # ----------------------------------------------------------------------------- corrupt checkpoints
 
 
@@ -301,10 +367,12 @@ def test_truncated_checkpoint_is_reported_kept_and_skippable(finished_run, corpu
     with open(data, "r+b") as f:
         f.truncate(1000)
     before = listing(step8)
+    logs_before = (listing(work / "tb"), (work / "metrics.jsonl").read_bytes())
     cfg = tiny_run_config(corpus, train__steps=10)
     with pytest.raises(CorruptCheckpointError) as exc:
         train.run_training(cfg, str(work), progress=False)
     msg = str(exc.value)
+    assert (listing(work / "tb"), (work / "metrics.jsonl").read_bytes()) == logs_before  # no new events file
     assert f"checkpoint {step8} (step 8) is corrupt or truncated" in msg
     assert "OUT_OF_RANGE" in msg  # tensorstore's reason, not its wrapper
     assert f"mv {step8} {step8}.corrupt" in msg and "previous committed step 6" in msg
@@ -328,6 +396,34 @@ def test_truncated_checkpoint_is_reported_kept_and_skippable(finished_run, corpu
     assert sorted(got) == list(range(1, 9))
     for step in (7, 8):
         assert got[step]["loss"] == ref[step]["loss"] and got[step]["grad_norm"] == ref[step]["grad_norm"]
+
+
+def test_bytes_flipped_in_place_are_detected_by_checksums(finished_run, corpus, tmp_path):
+    """Two bytes of the largest array file of step 8 flipped, size unchanged (what bit rot or a
+    bad copy does; orbax / tensorstore read it without complaint): the restore compares the
+    arrays with the checksums recorded at save time and reports the folder as corrupt, naming
+    the damaged leaves; nothing is changed."""
+    import shutil
+
+    from efficient_arch import train
+    from efficient_arch.checkpoint import CorruptCheckpointError
+
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    step8 = work / "checkpoints" / "8"
+    data = max((step8 / "state").rglob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    for off in (len(raw) // 3, len(raw) // 2):
+        raw[off] ^= 0x5A
+    data.write_bytes(bytes(raw))
+    before = listing(step8)
+    with pytest.raises(CorruptCheckpointError) as exc:
+        train.run_training(tiny_run_config(corpus, train__steps=10), str(work), progress=False)
+    msg = str(exc.value)
+    assert f"checkpoint {step8} (step 8) is corrupt" in msg and "ChecksumMismatch" in msg
+    assert "does not match the checksums recorded when this step was saved, so its files changed" in msg
+    assert "['opt_state']" in msg or "['params']" in msg
+    assert "previous committed step 6" in msg and listing(step8) == before
 
 
 @pytest.mark.parametrize("damage", ["config_garbage", "empty_folder"])
@@ -409,6 +505,54 @@ def test_other_experiment_refused_unless_overwrite(finished_run, corpus, tmp_pat
     assert committed_steps(work / "checkpoints") == [2, 4, 6, 8]
     assert read_config(work)["data"]["val_fraction"] == 0.25
     assert sorted(read_losses(work)) == list(range(1, 9))
+
+
+def test_overwrite_moves_nothing_until_the_run_can_start(finished_run, corpus, tmp_path, capsys):
+    """--overwrite with a bad data path (or an invalid config): exit 2 naming the problem, and the
+    old workdir is still in place, untouched (it used to be moved aside first)."""
+    import shutil
+
+    from efficient_arch import cli
+
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    before = listing(work)
+    for bad, want in (({"data.path": tmp_path / "no_such_corpus"}, "config error: data: config.data.path="),
+                      ({"model.n_kv_heads": 3}, "config error: config.model.n_heads=4: must be divisible")):
+        capsys.readouterr()
+        assert cli.main(cli_argv(work, corpus, "--overwrite", **bad)) == 2
+        assert capsys.readouterr().err.startswith(want)
+        assert listing(work) == before
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+
+
+def test_a_locked_workdir_is_refused_naming_the_holder(finished_run, corpus, tmp_path, capsys):
+    """A workdir whose lock another trainer holds (here: this process, through a second open
+    file): train refuses with exit 2 naming the holder's pid, also with --overwrite (it never
+    moves a workdir in use); once the lock is released the run proceeds."""
+    import shutil
+
+    from efficient_arch import cli, train
+
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    held = train._lock_workdir(str(work))
+    try:
+        before = listing(work)
+        assert train.workdir_holder(str(work)).startswith(f"pid {os.getpid()} on ")
+        for extra in ((), ("--overwrite",)):
+            capsys.readouterr()
+            assert cli.main(cli_argv(work, corpus, *extra, **{"train.steps": 10})) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"workdir error: {work} is in use by another training process (pid {os.getpid()} on ")
+            assert "two trainers must never share a workdir" in err and "kill -TERM" in err
+            assert listing(work) == before
+            assert not [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    finally:
+        held.close()
+    assert train.workdir_holder(str(work)) is None
+    assert cli.main(cli_argv(work, corpus, **{"train.steps": 10})) == 0
+    assert "resumed from step 8" in " ".join(capsys.readouterr().out.split())
 
 
 # ----------------------------------------------------------------------------- NaN policy
@@ -504,6 +648,63 @@ def test_nan_policy_skip_stops_after_max_consecutive(corpus, tmp_path, monkeypat
     assert committed_steps(tmp_path / "checkpoints") == [1, 2, 3]
     assert sorted(read_losses(tmp_path)) == [1, 2, 3]  # the stopping step is not logged (as under "stop")
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_nan_stop_message_without_checkpoint_and_with_the_overwrite_fix(corpus, tmp_path, monkeypatch):
+    """A NaN at step 1: the message says no checkpoint was written yet (not "step None") and that a
+    lower lr needs --overwrite or a new --workdir (the workdir refuses a changed lr)."""
+    from efficient_arch import train
+
+    cfg = tiny_run_config(corpus)
+    poison_batches(monkeypatch, {1}, cfg.model.vocab_size + 7)
+    with pytest.raises(FloatingPointError) as exc:
+        train.run_training(cfg, str(tmp_path), progress=False)
+    msg = str(exc.value)
+    assert "at step 1; nothing from this step was saved and no checkpoint was written yet" in msg
+    assert "None" not in msg.replace("(loss nan, grad_norm nan)", "")
+    assert "rerun with --overwrite" in msg and "new --workdir" in msg and "different experiment" in msg
+
+
+def test_nan_skip_that_skips_every_step_is_not_a_finished_run(corpus, tmp_path, monkeypatch):
+    """nan_policy=skip, every batch poisoned, fewer steps than max_skipped_steps: the run used to
+    end with exit 0 and the initial parameters; now it raises at the last step naming what
+    happened, writes no summary and no final checkpoint (a rerun does not count it finished)."""
+    from efficient_arch import train
+    from efficient_arch.checkpoint import committed_steps
+
+    cfg = tiny_run_config(corpus, train__nan_policy="skip", train__steps=4)
+    poison_batches(monkeypatch, set(range(1, 5)), cfg.model.vocab_size + 7)
+    with pytest.raises(FloatingPointError) as exc:
+        train.run_training(cfg, str(tmp_path), progress=False)
+    msg = str(exc.value)
+    assert "at step 4: every one of the 4 steps run since step 0 was skipped" in msg
+    assert "not marked finished" in msg and "only checked to be finite, not healthy" in msg
+    assert not (tmp_path / "summary.json").exists() and committed_steps(tmp_path / "checkpoints") == [2]
+
+
+def test_more_steps_warn_of_the_schedule_and_a_nan_after_resume_names_the_checkpoint(
+        corpus, tmp_path, monkeypatch, capsys):
+    """A finished 4-step run continued to 8 steps: the resume warns that train.steps changed and
+    how the lr schedule jumps; a NaN at the first resumed step says the restored checkpoint's
+    arrays matched their checksums (so the saved state itself is suspect)."""
+    from efficient_arch import train
+
+    train.run_training(tiny_run_config(corpus, train__steps=4), str(tmp_path), progress=False)
+    cfg = tiny_run_config(corpus, train__steps=8)
+    lr_old = float(train.make_schedule(tiny_run_config(corpus, train__steps=4).train)(4))
+    lr_new = float(train.make_schedule(cfg.train)(4))
+    assert lr_new > 2 * lr_old  # the jump the warning is about
+    poison_batches(monkeypatch, {1}, cfg.model.vocab_size + 7)  # the first batch of the resumed run
+    capsys.readouterr()
+    with pytest.raises(FloatingPointError) as exc:
+        train.run_training(cfg, str(tmp_path), progress=False)
+    out = " ".join(capsys.readouterr().out.split())
+    assert (f"warning: train.steps changed from 4 (the checkpoint's) to 8: the warmup-cosine learning-rate "
+            f"schedule is recomputed over 8 steps, so step 5 trains at lr {lr_new:.3g} where the original "
+            f"schedule was at {lr_old:.3g}") in out
+    msg = str(exc.value)
+    assert "at step 5; nothing from this step was saved and the last committed checkpoint (step 4) is kept" in msg
+    assert "first step after resuming from the step-4 checkpoint, whose arrays match the checksums" in msg
 
 
 # ----------------------------------------------------------------------------- bad inputs (docs/bad_inputs.md)
@@ -623,6 +824,94 @@ def test_two_processes_match_one_process(multihost, topology):
                                    err_msg=jax.tree_util.keystr(path))
     assert int(states["2x4"]["step"]) == 6
 
+
+
+# Process 1 of the two-process run: SIGTERM to itself right after its step-2 checkpoint call
+# (process 0 gets no signal); otherwise `python -m efficient_arch train` with the same flags.
+SIGNAL_ONE_PROCESS_CHILD = r"""
+import os, signal, sys
+from efficient_arch import checkpoint, cli
+save = checkpoint.Checkpointer.save
+
+def save_then_sigterm(self, step, *a, **k):
+    out = save(self, step, *a, **k)
+    if int(step) == 2 and not k.get("force"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+checkpoint.Checkpointer.save = save_then_sigterm
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def run_two_processes(argv, home, signal_process_1: bool = False, timeout: int = 400):
+    """``efficient-arch train argv`` as 2 processes x 4 CPU devices (as the multihost fixture),
+    with $HOME=home (its CPU-peak cache). Returns [(returncode, stdout, stderr)] per process;
+    a process still running after ``timeout`` s is killed and reported with returncode None."""
+    cache = os.environ.get("EFFICIENT_ARCH_TEST_JAX_CACHE", str(REPO_ROOT / ".cache" / "jax"))
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        env = child_env(4)
+        env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
+                   JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", HOME=str(home))
+        code = (["-c", SIGNAL_ONE_PROCESS_CHILD] if signal_process_1 and pid == 1 else ["-m", "efficient_arch"])
+        procs.append(subprocess.Popen([sys.executable, *code, *argv], env=env, cwd=REPO_ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            try:
+                out, err = p.communicate(timeout=timeout)
+                outs.append((p.returncode, out, err))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+                outs.append((None, out, err))
+    finally:
+        for p in procs:
+            p.kill()
+    return outs
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(corpus, tmp_path):
+    """SIGTERM to process 1 only, after step 2: both processes agree to stop at step 2 (one
+    all-gather of the signal flag per step), write the step-2 checkpoint together and exit 143
+    (before: process 1 stopped to save alone and both hung). The same command then resumes both
+    from step 2 to the end. No peak override: each process calibrates the CPU peak on one of
+    its own devices, and the cache holds a plausible figure (process 1 used to time process 0's
+    device, ~7e15 FLOP/s, and that poisoned the cache)."""
+    from efficient_arch import hardware
+    from efficient_arch.checkpoint import committed_steps
+
+    work = tmp_path / "run"
+    home = tmp_path / "home"
+    argv = cli_argv(work, corpus, **{"train.steps": 6, "train.ckpt_every": 3, "train.batch_size": 8,
+                                     "train.lr": 3e-4, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                     "mesh.expert": 1})
+    argv = [a for a in argv if not a.startswith("--config.flops.peak_flops=")]
+    (rc0, out0, err0), (rc1, out1, err1) = run_two_processes(argv, home, signal_process_1=True)
+    assert (rc0, rc1) == (143, 143), (rc0, rc1, out0[-2000:], err0[-3000:], err1[-3000:])
+    out0 = " ".join(out0.split())
+    assert ("stopped by signal 15 (SIGTERM) (received by process 1; every process stopped at this step) at step 2; "
+            "checkpoint written") in out0
+    assert "received SIGTERM: finishing the current step" in err1 and "received SIGTERM" not in err0
+    assert committed_steps(work / "checkpoints") == [2]
+    assert sorted(read_losses(work)) == [1, 2]
+
+    (rc0, out0, err0), (rc1, _, err1) = run_two_processes(argv, home)
+    assert (rc0, rc1) == (0, 0), (out0[-2000:], err0[-3000:], err1[-3000:])
+    assert "resumed from step 2" in " ".join(out0.split())
+    assert committed_steps(work / "checkpoints") == [2, 3, 6]
+    assert sorted(read_losses(work)) == list(range(1, 7))  # every step logged once
+
+    cached = json.loads((home / ".cache" / "efficient_arch" / "cpu_peak.json").read_text())
+    assert cached and all(0 < e["flops_per_s"] <= hardware.MAX_PLAUSIBLE_FLOPS_PER_CORE * e["fingerprint"]["cores"]
+                          for e in cached.values()), cached
+    summary = json.loads((work / "summary.json").read_text())  # the best seen, shared by 4 devices
+    assert 0 < summary["peak_flops_per_s"] * 4 <= max(e["flops_per_s"] for e in cached.values()) * (1 + 1e-9)
+    assert summary["mfu"] > 1e-4, summary["mfu"]
 
 
 def test_distributed_settings_from_config_env_and_launchers(corpus):

@@ -167,3 +167,61 @@ def test_memory_analysis_none():
         raise NotImplementedError
 
     assert hw.memory_analysis_bytes(types.SimpleNamespace(memory_analysis=boom)) == {}
+
+
+def _cache_key(dtype="float32"):
+    import hashlib
+
+    fp = hw._fingerprint(dtype)
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16], fp
+
+
+def test_implausible_cached_peak_is_dropped_and_replaced(tmp_path, monkeypatch):
+    """A cached peak that timed nothing (a multi-process run measured process 0's device from
+    process 1: 6.9e15 FLOP/s on 2 cores) used to be kept forever as "the best"; now it is dropped,
+    with a warning naming the file, and this process's measurement replaces it."""
+    key, fp = _cache_key()
+    (tmp_path / "cpu_peak.json").write_text(json.dumps(
+        {key: {"flops_per_s": 6.9e15, "n": 2048, "best_matmul_s": 2.5e-6, "fingerprint": fp}}))
+    monkeypatch.setattr(hw, "_measure", lambda dtype, budget_s=1.5: {"flops_per_s": 2e11, "n": 2048})
+    with pytest.warns(RuntimeWarning, match=r"dropped the cached CPU peak of .*cpu_peak.json .*6\.900e\+15 FLOP/s is above"):
+        peak, label = hw.calibrate_cpu_peak("float32", cache_dir=tmp_path, refresh=True)
+    assert peak == 2e11 and "dropped" in label
+    assert json.loads((tmp_path / "cpu_peak.json").read_text())[key]["flops_per_s"] == 2e11
+    # a plausible best far above this measurement (50x) is dropped too; a loaded machine's 3x is not
+    monkeypatch.setattr(hw, "_measure", lambda dtype, budget_s=1.5: {"flops_per_s": 3e9, "n": 2048})
+    with pytest.warns(RuntimeWarning, match="over 50x this process's own measurement"):
+        assert hw.calibrate_cpu_peak("float32", cache_dir=tmp_path, refresh=True)[0] == 3e9
+    monkeypatch.setattr(hw, "_measure", lambda dtype, budget_s=1.5: {"flops_per_s": 1e9, "n": 2048})
+    assert hw.calibrate_cpu_peak("float32", cache_dir=tmp_path, refresh=True)[0] == 3e9
+    # the plain (non-refresh) read never returns an implausible entry either
+    (tmp_path / "cpu_peak.json").write_text(json.dumps({key: {"flops_per_s": 6.9e15, "n": 2048}}))
+    assert hw.calibrate_cpu_peak("float32", cache_dir=tmp_path)[0] == 1e9
+
+
+def test_implausible_measurement_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(hw, "_measure", lambda dtype, budget_s=1.5: {"flops_per_s": 7e15, "n": 2048,
+                                                                    "best_matmul_s": 2.5e-6})
+    with pytest.warns(RuntimeWarning, match="IMPLAUSIBLE"):
+        peak, label = hw.calibrate_cpu_peak("float32", cache_dir=tmp_path, refresh=True)
+    assert peak == 7e15 and "not cached" in label and "--config.flops.peak_flops" in label
+    assert not (tmp_path / "cpu_peak.json").exists()
+
+
+def test_calibration_times_a_device_of_this_process(monkeypatch):
+    """jax.devices("cpu")[0] is process 0's device in a multi-process run (remote elsewhere):
+    the calibration matmul must run on jax.local_devices(backend="cpu")[0]."""
+    import jax as real_jax
+
+    seen = []
+    local = real_jax.local_devices
+
+    def spy(*a, **k):
+        out = local(*a, **k)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(real_jax, "devices", lambda *a, **k: pytest.fail("jax.devices() used for the calibration"))
+    monkeypatch.setattr(real_jax, "local_devices", spy)
+    secs, flops = hw._time_matmul(64, "float32", repeats=1)
+    assert seen and seen[0].process_index == real_jax.process_index() and secs > 0 and flops == 2 * 64**3

@@ -134,4 +134,114 @@ def test_cli_parallel_sweep(tmp_path):
     assert "running (subprocess)" in r.stdout
     assert (wd / "results.csv").exists()
     listed = subprocess.run(cmd[:-2] + ["--list"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert listed.returncode == 0 and "[finished]" in listed.stdout and "[to run]" in listed.stdout
+    assert listed.returncode == 0 and "[finished]" in listed.stdout and "[failed]" in listed.stdout
+    assert "(subprocess)[" not in r.stdout  # one line per event
+
+
+def test_point_names_leave_out_fields_a_point_does_not_set():
+    pts = S.expand_points("a.py:tiny", None, [{"model.n_layers": 3}, {"train.lr": 1e-3}, {"config": "b.py:x"}])
+    assert [p.name.rsplit("-", 1)[0] for p in pts] == ["n_layers=3__a_tiny", "lr=0.001__a_tiny", "b_x"]
+    assert not any("None" in p.name for p in pts)
+
+
+def test_config_errors_name_each_place_once_and_suggest_fields(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(FileNotFoundError) as exc:
+        S.resolve_config_path("experiments/configs/nope.py:tiny")
+    assert str(exc.value) == f"config file 'experiments/configs/nope.py' not found (looked in {REPO})"
+    with pytest.raises(KeyError, match=r"unknown config field 'model.n_layer' \(did you mean 'model.n_layers'\?\)"):
+        S.build_config(BASE, {"model.n_layer": 3})
+    with pytest.raises(KeyError, match=r"unknown config field 'modle.d_model' \(did you mean 'model'\?\)"):
+        S.build_config(BASE, {"modle.d_model": 3})
+
+
+def test_a_point_whose_workdir_is_locked_is_not_run(tmp_path):
+    """A point whose workdir lock another trainer holds is skipped with a line naming the holder,
+    its files untouched; `--list` shows it running."""
+    from efficient_arch import train
+
+    path = write_sweep(tmp_path, [{}])
+    wd = tmp_path / "run"
+    (point,) = S.load_sweep(path).points
+    d = wd / point.name
+    d.mkdir(parents=True)
+    held = train._lock_workdir(str(d))
+    try:
+        lines = []
+        rows = S.run_sweep(path, str(wd), log=lines.append)
+        assert any(f"{point.name}: skipped, its workdir is in use by another trainer (pid {os.getpid()} on " in ln
+                   for ln in lines), lines
+        assert rows[0]["status"] == "pending" and sorted(os.listdir(d)) == ["train.lock"]
+        assert S.point_status(str(d)).startswith(f"running (pid {os.getpid()} on ")
+    finally:
+        held.close()
+    assert S.point_status(str(d)) == "to run"
+
+
+def _env():
+    env = dict(os.environ)
+    cache = os.environ.get("EFFICIENT_ARCH_TEST_JAX_CACHE", str(REPO / ".cache" / "jax"))
+    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def _wait_for(cond, proc, timeout=240.0):
+    import time
+
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None, f"the sweep exited early ({proc.returncode}): {proc.stdout.read()}"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.2)
+
+
+def _trained(d: pathlib.Path, step: int) -> bool:
+    try:
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return False
+    return any(r.get("step", 0) >= step and "loss" in r for r in rows)
+
+
+@pytest.mark.parametrize("parallel", [2, 1])
+def test_sigterm_stops_the_sweep_and_its_points(tmp_path, parallel):
+    """SIGTERM to `efficient-arch sweep` while its points train: with --parallel 2 it is forwarded
+    to both point processes, which checkpoint and exit, and the sweep waits for them (none
+    outlives it: an immediate rerun used to start a second trainer in the same workdir); in
+    serial mode the in-process point checkpoints. Either way: a console line, the partial table,
+    exit 143, points recorded `interrupted` with a committed checkpoint, `--list` says so."""
+    import signal
+
+    from efficient_arch.checkpoint import committed_steps
+
+    path = write_sweep(tmp_path, [{"data.seed": 0}, {"data.seed": 1}][:parallel], name="long")
+    wd = tmp_path / "run"
+    # long enough never to finish before the signal: 5000 steps, checkpoints every 2
+    text = pathlib.Path(path).read_text().replace("'train.steps': 4", "'train.steps': 5000")
+    pathlib.Path(path).write_text(text)
+    points = S.load_sweep(path).points
+    assert [p.overrides["train.steps"] for p in points] == [5000] * parallel
+    cmd = [sys.executable, "-m", "efficient_arch", "sweep", path, "--workdir", str(wd), "--parallel", str(parallel)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        dirs = [wd / p.name for p in points]
+        _wait_for(lambda: all(_trained(d, 4) for d in dirs), proc)
+        pids = [json.loads((d / "point.json").read_text()).get("pid") for d in dirs]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out[-3000:] + err[-3000:]
+    assert "stopped by SIGTERM" in out and "rerun the same command to resume" in out
+    assert out.count("interrupted in") == parallel and "results.csv" in out  # the lines and the table
+    for line in out.splitlines():
+        assert line.count("] ") <= 1 or "│" in line, line  # no two point lines run together
+    for d, pid in zip(dirs, pids):
+        assert json.loads((d / "point.json").read_text())["status"] == "interrupted"
+        assert committed_steps(d / "checkpoints"), d
+        if parallel > 1:  # the point processes are gone
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    listed = subprocess.run(cmd[:-2] + ["--list"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    assert listed.stdout.count("[interrupted]") == parallel, listed.stdout

@@ -130,7 +130,7 @@ def notes(rows, ctx) -> str:
         drops = [100 * (r["drop fraction"] or 0) for r in moes]
         speed = [r["tokens/s"] / dense["tokens/s"] for r in moes]
         lines.append(
-            ("Reproduced: " if len(better) == len(moes) else "Partly reproduced: ")
+            ("Reproduced: " if len(better) == len(moes) else "Partly reproduced: " if better else "Not reproduced: ")
             + f"{len(better)} of {len(moes)} MoE variants reach a lower validation loss than the dense model at "
             "equal active parameters (Switch Table 1: every MoE row beats T5-Base), at "
             f"{min(speed):.2f}-{max(speed):.2f}x its tokens/s (Switch: 0.49-0.63x in examples/s on TPUs; on this "
