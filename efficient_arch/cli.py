@@ -433,16 +433,19 @@ def cmd_generate(argv: list[str]) -> int:
              "(efficient-arch train ... --workdir=DIR), e.g. --workdir=runs/small")
     if args.prompt is None or args.prompt == "":
         _die("efficient-arch generate: --prompt is empty; give the text to continue, e.g. --prompt='def main('")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        _die(f"efficient-arch generate: --json={args.json}: its folder does not exist; create it or give "
+             "another path")
     try:
         report = gen.run_generate(args.workdir, args.prompt, args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, step=args.step,
                                   hbm_bandwidth=args.hbm_bandwidth)
     except gen.GenerateError as e:
         _die(f"efficient-arch generate: {e}")
-    gen.print_report(report)
-    if args.json:
+    if args.json:  # before printing: a closed stdout (| head) must not lose it
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    gen.print_report(report)
     return 0
 
 

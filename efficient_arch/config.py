@@ -300,6 +300,13 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
     if m.attention_impl not in ATTENTION_IMPLS:
         _fail("model.attention_impl", m.attention_impl, f"choose one of {ATTENTION_IMPLS} ('auto': cuDNN fused "
               "attention on a GPU where it qualifies, else XLA; 'xla': always XLA; 'cudnn': cuDNN or an error)")
+    if m.attention_impl == "cudnn" and n_devices is not None:
+        import jax
+
+        if jax.default_backend() != "gpu":
+            _fail("model.attention_impl", m.attention_impl, f"cuDNN fused attention needs a GPU and this "
+                  f"process runs on {jax.default_backend()!r}; use --config.model.attention_impl=auto "
+                  "(cuDNN where it can run, XLA elsewhere) or xla")
     mixers = registry.mixer_names()
     pattern = list(m.layer_pattern) if m.layer_pattern is not None else [m.mixer]
     for name in pattern:

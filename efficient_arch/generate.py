@@ -421,8 +421,9 @@ def generate_tokens(model, prompt, max_new_tokens: int, *, temperature: float = 
     if t + max_new_tokens > limit:
         raise GenerateError(f"--max_new_tokens={max_new_tokens}: the prompt has {t} token(s), and {t} + "
                             f"{max_new_tokens} exceeds the model's model.max_seq_len={limit} (the length its "
-                            f"positions and caches are sized for); use --max_new_tokens<={max(limit - t, 0)}"
-                            + (" or a shorter --prompt" if t >= limit else ""))
+                            f"positions and caches are sized for); "
+                            + (f"use --max_new_tokens<={limit - t}" if t < limit else
+                               f"the prompt alone fills it: use a --prompt of at most {limit - 1} tokens"))
     max_len = t + max_new_tokens if max_len is None else int(max_len)
     if not t + max_new_tokens <= max_len <= limit:
         raise GenerateError(f"max_len={max_len}: must lie in [{t + max_new_tokens}, {limit}] (prompt + new "

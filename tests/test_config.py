@@ -298,3 +298,13 @@ def test_mixer_form_a_mixer_does_not_run(tiny_config):
     c = tiny_config(model__mixer="deltanet", model__mixer_form="quadratic")
     with pytest.raises(ConfigError, match=r"model.mixer_form.*deltanet"):
         finalize(c)
+
+
+def test_cudnn_attention_off_gpu_is_a_config_error(tiny_config):
+    """Refused before anything compiles or any workdir exists (it used to fail while tracing)."""
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("cuDNN can run here")
+    with pytest.raises(ConfigError, match="config.model.attention_impl='cudnn'.*needs a GPU"):
+        finalize(tiny_config(model__attention_impl="cudnn"), 1)

@@ -254,18 +254,25 @@ class LM(nnx.Module):
         Returns ``(logits float32 [B, 1, vocab_size], cache)``; a scan over the layer groups as in
         training, so the logits equal the full forward pass's at that position.
         """
-        x = self.embed(tokens, self.dtype)
+        x, new_cache = self._scan_with_cache(self.embed(tokens, self.dtype), cache,
+                                             lambda group, h, c: group.decode(h, c, position=position))
+        return self.logits(self.final_norm(x)), new_cache
+
+    def _scan_with_cache(self, x, cache: dict, step):
+        """``x`` through every stack's layer groups (one ``lax.scan`` per stack, as in training)
+        with their caches: ``step(group, h, group_cache) -> (h, group_cache)``; the precision
+        policy of :meth:`hidden` applies. Returns ``(x, new_cache)``."""
         new_cache = {}
         for name, stack in self._stacks():
             graphdef, stacked = nnx.split(stack)
 
             def body(h, layer, graphdef=graphdef):
                 group_state, group_cache = layer
-                return nnx.merge(graphdef, group_state).decode(h, group_cache, position=position)
+                return step(nnx.merge(graphdef, group_state), h, group_cache)
 
             with precision_of(self.cfg):
                 x, new_cache[name] = jax.lax.scan(body, x, (stacked, cache[name]))
-        return self.logits(self.final_norm(x)), new_cache
+        return x, new_cache
 
     def prefill(self, tokens, cache: dict, *, all_logits: bool = False):
         """The prompt in one parallel pass, producing the caches decoding continues from.
@@ -293,17 +300,8 @@ class LM(nnx.Module):
                 if not hasattr(blk.mixer, "prefill"):
                     raise AttributeError(f"mixer {type(blk.mixer).__name__} has no prefill(x, cache); "
                                          "add one (parallel form returning its decode cache)")
-        x = self.embed(tokens, self.dtype)
-        new_cache = {}
-        for name, stack in self._stacks():
-            graphdef, stacked = nnx.split(stack)
-
-            def body(h, layer, graphdef=graphdef):
-                group_state, group_cache = layer
-                return nnx.merge(graphdef, group_state).prefill(h, group_cache)
-
-            with precision_of(self.cfg):  # as hidden / decode: the same FP8 / attention choice
-                x, new_cache[name] = jax.lax.scan(body, x, (stacked, cache[name]))
+        x, new_cache = self._scan_with_cache(self.embed(tokens, self.dtype), cache,
+                                             lambda group, h, c: group.prefill(h, c))
         if not all_logits:
             x = x[:, -1:]
         return self.logits(self.final_norm(x)), new_cache
