@@ -362,6 +362,8 @@ def finalize(cfg: ml_collections.ConfigDict, n_devices: int | None = None) -> ml
     for n in ("b1", "b2"):
         if not 0 <= t[n] < 1:
             _fail(f"train.{n}", t[n], "Adam betas must lie in [0, 1)")
+    if not isinstance(t.ce_chunk_size, int) or isinstance(t.ce_chunk_size, bool):
+        _fail("train.ce_chunk_size", t.ce_chunk_size, "must be an integer (sequence positions per chunk; 0 = off)")
     if t.batch_size % t.grad_accum:
         _fail("train.batch_size", t.batch_size, f"must be divisible by train.grad_accum={t.grad_accum}")
     if t.nan_policy not in NAN_POLICIES:

@@ -364,3 +364,19 @@ def test_attention_cudnn_failure_at_trace_time_falls_back_to_xla(monkeypatch, ca
         layers.dot_product_attention(q, k, k, dtype=jnp.bfloat16, implementation="cudnn")
     with layers.precision(attention="cudnn"), pytest.raises(ValueError, match="attention_impl='cudnn'"):
         layers.dot_product_attention(q, k, k, dtype=jnp.bfloat16)
+
+
+def test_attention_core_fully_masked_row_passes_no_gradient_to_q_k():
+    """A query row with nothing allowed averages v uniformly (like jax's XLA form) and, its scores
+    being constants, gets zero dq and gives zero dk (autodiff of jax's form agrees)."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((1, 4, 2, 8), (1, 4, 2, 8), (1, 4, 2, 8)))
+    mask = jnp.asarray(np.array([True, False, True, True])[None, None, :, None] & np.ones((1, 1, 4, 4), bool))
+    g = jnp.asarray(rng.standard_normal((1, 4, 2, 8)), jnp.float32)
+    ours = jax.grad(lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, mask=mask, is_causal=False,
+                                                                  dtype=jnp.float32) * g), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+                                           * g), argnums=(0, 1, 2))(q, k, v)
+    assert np.all(np.asarray(ours[0])[:, 1] == 0)  # row 1 is fully masked
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

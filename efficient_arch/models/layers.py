@@ -243,7 +243,10 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None, *, quan
     out_dtype = dtype if out_dtype is None else out_dtype
     if (quant or current_precision().quant) == "fp8":
         return fp8_einsum(spec, x, w, out_dtype)
-    if jnp.dtype(dtype).itemsize >= 4 or _grad_specs(spec) is None:
+    # float16 with a float32 result (the LM head): keep the float32 cotangent (tiny per-token
+    # logit gradients underflow float16; there is no loss scaling). bfloat16 has float32's range.
+    keep_f32_cotangent = jnp.dtype(dtype) == jnp.float16 and jnp.dtype(out_dtype).itemsize >= 4
+    if jnp.dtype(dtype).itemsize >= 4 or _grad_specs(spec) is None or keep_f32_cotangent:
         y = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
         return y.astype(out_dtype)
     return _dot16(spec, jnp.dtype(dtype), jnp.dtype(out_dtype), x, w)

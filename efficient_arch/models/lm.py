@@ -218,7 +218,7 @@ class LM(nnx.Module):
         if self.cfg.tie_embeddings:
             out = self.embed.attend(h, self.dtype)
         else:
-            out = matmul("btd,dv->btv", h, self.head[...], self.dtype, out_dtype=jnp.float32)
+            out = matmul("btd,dv->btv", h, self.head[...], self.dtype, out_dtype=jnp.float32, quant="none")
         return parallel.constrain(out, ("batch", "seq", "act_vocab"))
 
     def head_weight(self) -> tuple[jax.Array, bool]:

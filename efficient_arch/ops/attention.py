@@ -16,7 +16,7 @@ masked scores and the float32 probabilities as well (3-4 ``[B, H, T, S]`` arrays
 passes over them twice.
 
 Matmuls take ``dtype`` inputs and accumulate in float32 (``preferred_element_type``); softmax and
-its gradient are float32. FLOPs (XLA count): forward ``4 T S H`` per (batch, query head) plus the
+its gradient are float32. Saved for the backward: ``q, k, v, p`` and one bool per query row. FLOPs (XLA count): forward ``4 T S H`` per (batch, query head) plus the
 softmax; backward ``8 T S H`` (four products). Same as autodiff of the forward.
 """
 
@@ -32,7 +32,9 @@ _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # as jax.nn.dot_product_attenti
 
 
 def _dot(spec, a, b, dtype):
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=_F32)
+    # float32 accumulation (float64 for float64 inputs, as in tests)
+    acc = jnp.promote_types(jnp.dtype(dtype), _F32)
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -44,9 +46,11 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
       q: ``[B, T, K, G, H]`` queries (``K`` KV heads, ``G`` query heads per KV head).
       k, v: ``[B, S, K, H]``.
       allowed: bool, broadcastable to ``[B, K, G, T, S]``; True = may attend. A row with nothing
-        allowed averages ``v`` uniformly (as ``jax.nn.dot_product_attention``).
+        allowed averages ``v`` uniformly (as ``jax.nn.dot_product_attention``) and passes no
+        gradient to ``q`` or ``k`` (its scores are constants).
       scale: score scale (``1 / sqrt(H)``).
-      dtype: matmul input dtype (float32 / bfloat16 / float16); accumulation is float32.
+      dtype: matmul input dtype (float32 / bfloat16 / float16; float64 in tests); accumulation is
+        float32 (float64 for float64).
     Returns:
       ``[B, T, K, G, H]`` in ``dtype``.
     """
@@ -62,16 +66,18 @@ def _forward(q, k, v, allowed, scale, dtype):
 
 def _fwd(q, k, v, allowed, scale, dtype):
     o, p = _forward(q, k, v, allowed, scale, dtype)
+    # rows with nothing allowed: their (uniform) probabilities do not depend on q, k
+    row_ok = jnp.any(allowed, axis=-1, keepdims=True)
     # zero-size arrays carry the primal dtypes (residuals must be arrays)
-    return o, (q.astype(dtype), k.astype(dtype), v.astype(dtype), p, allowed,
+    return o, (q.astype(dtype), k.astype(dtype), v.astype(dtype), p, row_ok,
                jnp.zeros((0,), q.dtype), jnp.zeros((0,), k.dtype), jnp.zeros((0,), v.dtype))
 
 
 def _bwd(scale, dtype, res, do):
-    q, k, v, p, allowed, q0, k0, v0 = res
+    q, k, v, p, row_ok, q0, k0, v0 = res
     dp = _dot("btkgh,bskh->bkgts", do, v, dtype)
-    pf = p.astype(_F32)
-    ds = pf * (dp - jnp.sum(pf * dp, axis=-1, keepdims=True))
+    pf = p.astype(dp.dtype)
+    ds = jnp.where(row_ok, pf * (dp - jnp.sum(pf * dp, axis=-1, keepdims=True)), 0.0)
     dq = _dot("bkgts,bskh->btkgh", ds, k, dtype) * scale
     dk = _dot("bkgts,btkgh->bskh", ds, q, dtype) * scale
     dv = _dot("bkgts,btkgh->bskh", p, do, dtype)

@@ -8,7 +8,9 @@ with ``z = h W``. Its gradients are, with ``p = softmax(z)``::
     dz = m (p - onehot(y))          dh = dz W^T          dW = h^T dz
 
 The forward pass walks the sequence in chunks of ``chunk_size`` positions (all batch rows at
-once, so a batch-sharded ``h`` stays sharded) and, per chunk, computes the logits, the loss and
+once, so a batch-sharded ``h`` stays sharded; the ``dW`` carry is then a sum over batch shards,
+which GSPMD may reduce across devices once per chunk instead of once per step: prefer large
+chunks on multi-device runs) and, per chunk, computes the logits, the loss and
 immediately ``dz``, ``dh`` and its contribution to ``dW``; only ``dh [B, T, d]`` and ``dW [d, V]``
 are kept as residuals, and the backward pass scales them by the incoming cotangent. This is the
 "fused linear cross-entropy" of Liger-Kernel (Hsu et al. 2024, Sec. 3.3) and of Wijmans et al.
@@ -70,16 +72,17 @@ def _loss_and_grads(h, w, targets, mask, chunk_size, tied, dtype):
         mask = jnp.pad(mask, ((0, 0), (0, pad)))
     n = (t + pad) // c
     s_logits, s_dh, s_dw = _specs(tied)
+    w = w.astype(dtype)  # once, not per chunk
 
     def body(carry, xs):
         loss, dw = carry
         hc, yc, mc = xs
         z = _dot(s_logits, hc, w, dtype)  # [B, c, V] float32
         lse = jax.nn.logsumexp(z, axis=-1)
-        zy = jnp.take_along_axis(z, yc[..., None], axis=-1)[..., 0]
+        onehot = jax.nn.one_hot(yc, z.shape[-1], dtype=z.dtype)
+        zy = jnp.sum(z * onehot, axis=-1)  # no gather over a (possibly vocab-sharded) axis
         loss = loss + jnp.sum(mc.astype(z.dtype) * (lse - zy))
-        dz = jnp.exp(z - lse[..., None])
-        dz = (dz - jax.nn.one_hot(yc, z.shape[-1], dtype=z.dtype)) * mc[..., None].astype(z.dtype)
+        dz = (jnp.exp(z - lse[..., None]) - onehot) * mc[..., None].astype(z.dtype)
         dh = _dot(s_dh, dz, w, dtype)
         dw = dw + _dot(s_dw, hc, dz, dtype)
         return (loss, dw), dh
@@ -104,7 +107,8 @@ def linear_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, mask: j
       tied: ``w`` is ``[V, d_model]``.
       dtype: matmul input dtype (float32 accumulation); logsumexp and softmax in float32.
     Returns:
-      float32 scalar ``sum_bt mask_bt * (logsumexp(z_bt) - z_bt[targets_bt])`` in nats, equal (to
+      float32 (float64 for float64 inputs) scalar ``sum_bt mask_bt * (logsumexp(z_bt) -
+      z_bt[targets_bt])`` in nats, equal (to
       float rounding) to ``optax.softmax_cross_entropy_with_integer_labels`` on the full logits.
       Differentiable in ``h`` and ``w`` (gradients in their dtypes); not in targets / mask.
     """

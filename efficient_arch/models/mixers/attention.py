@@ -2,7 +2,8 @@
 
 Vaswani et al. 2017 (scaled dot-product attention, eq. 1); Ainslie et al. 2023 (GQA: ``n_heads``
 query heads share ``n_kv_heads`` key/value heads); Su et al. 2021 (RoPE). The score/softmax/value
-part is ``jax.nn.dot_product_attention`` (XLA form on CPU; softmax in float32).
+part is ``layers.dot_product_attention``: ``ops.attention.attention_core`` (softmax in float32, a
+backward that keeps only the probabilities), or cuDNN's fused kernel on a GPU where it qualifies.
 """
 
 from __future__ import annotations

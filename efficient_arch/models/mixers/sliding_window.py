@@ -9,8 +9,8 @@ Mistral 7B use the same mask). Within the window it is exactly the attention of
 
 Training forms (``cfg.mixer_form``):
 
-* ``"quadratic"``: ``jax.nn.dot_product_attention(..., local_window_size=(W - 1, 0))``, the XLA
-  form. It computes the full masked ``T x T`` score matrix, so *executed* FLOPs grow with ``T^2``
+* ``"quadratic"``: ``layers.dot_product_attention(..., local_window_size=(W - 1, 0))``, the
+  masked full form. It computes the full masked ``T x T`` score matrix, so *executed* FLOPs grow with ``T^2``
   although only ``~W`` keys per query matter.
 * ``"chunked"`` (default) and ``"recurrent"`` (softmax attention has no recurrent training form;
   it runs the blocked form too): a **blocked** form. The sequence is cut into blocks of ``W``
