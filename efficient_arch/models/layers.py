@@ -459,40 +459,15 @@ class Embed(nnx.Module):
         return matmul("btd,vd->btv", x, self.embedding[...], dtype, out_dtype=jnp.float32, quant="none")
 
 
-@jax.custom_vjp
 def swiglu(gu: jax.Array) -> jax.Array:
     """SwiGLU gate (Shazeer 2020, eq. 6): ``silu(gate) * up`` for ``gu = [..., 2, d_ff]``
     (``gu[..., 0, :]`` gate, ``gu[..., 1, :]`` up), computed in float32, returned in ``gu.dtype``.
 
-    The backward keeps only ``gu`` and recomputes the sigmoid (``d silu(g) = s (1 + g (1 - s))``,
-    ``s = sigmoid(g)``) and returns one ``[..., 2, d_ff]`` cotangent: autodiff of the same
-    expression keeps six ``[..., d_ff]`` float32 intermediates per layer (768 MB of the bench
-    train step's temporaries) and writes the two halves' cotangents separately.
+    Plain autodiff. A custom VJP keeping only ``gu`` cut the bench step's temporaries by ~770 MB
+    but made transformer.py:small's step 1.27x slower (benchmarks/NOTES.md), so it was dropped.
     """
-    return _swiglu_fwd(gu)[0]
-
-
-def _swiglu_fwd(gu):
     g, u = gu[..., 0, :].astype(jnp.float32), gu[..., 1, :].astype(jnp.float32)
-    return (jax.nn.silu(g) * u).astype(gu.dtype), gu
-
-
-def _swiglu_bwd(gu, dh):
-    gf = gu.astype(jnp.float32)
-    g, u = gf[..., 0:1, :], gf[..., 1:2, :]  # [..., 1, d_ff]
-    sig = jax.nn.sigmoid(g)
-    d_up = g * sig  # d h / d u = silu(g)
-    d_gate = u * (sig + d_up * (1.0 - sig))  # d h / d g = u (s + g s (1 - s))
-    # one elementwise pass writing [..., 2, d_ff] (a select on the half index), not a concatenate
-    # of the two halves: XLA:CPU ran that concatenate + convert at ~100M elements/s (160 ms per
-    # layer at the bench shape, the largest non-matmul op of the bf16 step)
-    half = jax.lax.broadcasted_iota(jnp.int32, gu.shape, gu.ndim - 2)
-    dh = dh.astype(jnp.float32)[..., None, :]
-    dgu = jnp.where(half == 0, dh * d_gate, dh * d_up)
-    return (dgu.astype(gu.dtype),)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+    return (jax.nn.silu(g) * u).astype(gu.dtype)
 
 
 class MLP(nnx.Module):
