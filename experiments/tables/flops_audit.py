@@ -115,8 +115,14 @@ def _term(eqn) -> str | None:
     the term of the call site)."""
     from jax._src import source_info_util
 
+    in_swiglu = False  # layers.swiglu: the caller decides (MLP -> ffn activation, MoE experts -> moe)
     for frame in source_info_util.user_frames(eqn.source_info.traceback):
         path, fn = frame.file_name.replace(os.sep, "/"), frame.function_name
+        if fn == "swiglu" and path.endswith("/models/layers.py"):
+            in_swiglu = True
+            continue
+        if in_swiglu:
+            return "moe elementwise" if path.endswith("/moe.py") else "ffn activation"
         if "/optax/" in path:
             return "cross-entropy"
         if "/efficient_arch/" not in path:
