@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loss-check", type=int, default=0, metavar="STEPS")
     ap.add_argument("--no-malloc-tunables", action="store_true",
                     help="children without the glibc malloc settings `make train` uses")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<date>.json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -187,8 +188,8 @@ def main(argv=None) -> int:
                "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "load_avg_end": os.getloadavg(), "rows": rows}
     if args.loss_check:
         payload["loss_check"] = loss_check(args.loss_check)
-    out = ROOT / "results" / f"train_step_{payload['date']}{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else ROOT / "results" / f"train_step_{payload['date']}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
     print(table(rows))
     if args.loss_check:
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
         print(f"\nloss check ({args.loss_check} steps, transformer.py:small): val loss float32 "
               f"{lc['float32']['final_val_loss']:.4f}, bfloat16 {lc['bfloat16']['final_val_loss']:.4f} "
               f"({100 * lc['val_loss_rel_diff']:+.2f}%)")
-    print(f"\nwrote {out.relative_to(REPO)}")
+    print(f"\nwrote {out}")
     return 0
 
 

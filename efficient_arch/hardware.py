@@ -459,6 +459,10 @@ def lookup_hbm_bandwidth(spec: str) -> tuple[float, str, str]:
 # CPU calibration
 # ---------------------------------------------------------------------------
 _CACHE_FILE = "cpu_peak.json"
+# (cache file, key) pairs this process has already re-measured with ``refresh``: one measurement per
+# process is enough (a sweep or table runs many trainings in one process; each re-measurement cost
+# 1-3 s and, taken while the same process is busy, could only read lower).
+_REFRESHED_IN_PROCESS: set[tuple[str, str]] = set()
 
 
 def _cpu_model() -> str:
@@ -615,7 +619,8 @@ def calibrate_cpu_peak(
       refresh: measure in this process and keep the *best* of this and the cached measurement
         (the cache then holds the machine's best seen so far). A calibration taken while other
         work loads the machine reads low and would inflate MFU; keeping the maximum makes MFU
-        conservative and converges to the machine's peak. Used by training runs.
+        conservative and converges to the machine's peak. Used by training runs. Only the first
+        refresh of a process measures; later ones read the cache that it updated.
 
     Sanity checks (:func:`_implausible`): the matmul runs on a device of this process
     (``jax.local_devices``); a figure above ``MAX_PLAUSIBLE_FLOPS_PER_CORE`` per usable core is
@@ -638,7 +643,8 @@ def calibrate_cpu_peak(
     fp = _fingerprint(key_dtype)
     key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
-    if refresh and not force:
+    if refresh and not force and (str(path), key) not in _REFRESHED_IN_PROCESS:
+        _REFRESHED_IN_PROCESS.add((str(path), key))
         cached = _read_cache(path).get(key)
         result = _measure(key_dtype)
         bad = _implausible(float(result["flops_per_s"]))
