@@ -20,7 +20,9 @@ Conventions of the peak table (``PEAK_FLOPS``):
   ``"fp8"``. On NVIDIA, ``"float32"`` is the **non-tensor-core (CUDA core)
   FP32** rate and ``"tf32"`` is the dense TF32 tensor-core rate. Note that XLA
   on Ampere+ GPUs runs float32 dots in TF32 under jax's default matmul
-  precision; if you run float32 matmuls that way, use ``dtype="tf32"``.
+  precision: :func:`peak_flops_per_device` then takes the ``"tf32"`` peak for a float32 model on
+  a GPU (measured: the bench float32 step at 101% of the H200's CUDA-core FP32 rate), unless
+  ``jax_default_matmul_precision`` is "highest" / "float32".
   Google publishes only bfloat16 (and int8) peaks for TPUs, so TPU entries
   have ``"bfloat16"`` only; any other dtype raises with the fix text.
 """
@@ -770,7 +772,23 @@ def peak_flops_per_device(
         if n_local > 1:  # fake devices (xla_force_host_platform_device_count) share one CPU
             return peak / n_local, f"{label}, divided by the {n_local} CPU devices sharing it"
         return peak, label
+    if canonical_dtype(dtype) == "float32" and getattr(device, "platform", "") == "gpu" \
+            and _gpu_float32_runs_as_tf32():
+        peak, label = lookup_peak(device.device_kind, "tf32")
+        return peak, (f"{label}; TF32 peak: float32 dots run on TF32 tensor cores at jax's default "
+                      "matmul precision (an H200 ran the bench float32 step at 101% of its CUDA-core "
+                      "FP32 peak); set jax_default_matmul_precision=highest for true float32 matmuls")
     return lookup_peak(device.device_kind, dtype)
+
+
+def _gpu_float32_runs_as_tf32() -> bool:
+    """Whether float32 dots on an NVIDIA GPU run as TF32: jax's ``jax_default_matmul_precision``
+    unset / "default" / "tensorfloat32" / "bfloat16*" lets XLA use the tensor cores; "highest" /
+    "float32" forces true float32."""
+    import jax
+
+    prec = jax.config.jax_default_matmul_precision
+    return str(prec or "default").lower() not in ("highest", "float32", "precision.highest")
 
 
 def peak_flops_for_policy(

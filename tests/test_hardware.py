@@ -239,3 +239,18 @@ def test_calibration_times_a_device_of_this_process(monkeypatch):
     monkeypatch.setattr(real_jax, "local_devices", spy)
     secs, flops = hw._time_matmul(64, "float32", repeats=1)
     assert seen and seen[0].process_index == real_jax.process_index() and secs > 0 and flops == 2 * 64**3
+
+
+def test_float32_on_gpu_takes_the_tf32_peak_unless_precision_is_highest():
+    """XLA runs float32 dots on TF32 tensor cores at jax's default precision (an H200 ran the
+    bench float32 step at 101% of its CUDA-core FP32 rate), so that rate is not a float32 model's
+    ceiling there; with ``jax_default_matmul_precision=highest`` it is."""
+    h200 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200")
+    peak, label = hw.peak_flops_per_device("float32", device=h200)
+    assert peak == hw.PEAK_FLOPS["H200"]["tf32"] and "TF32" in label and "highest" in label
+    with jax.default_matmul_precision("highest"):
+        assert hw.peak_flops_per_device("float32", device=h200)[0] == hw.PEAK_FLOPS["H200"]["float32"]
+    assert hw.peak_flops_per_device("bfloat16", device=h200)[0] == hw.PEAK_FLOPS["H200"]["bfloat16"]
+    # a TPU has no float32 entry: the error is unchanged
+    with pytest.raises(hw.UnknownAcceleratorError):
+        hw.peak_flops_per_device("float32", device=types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite"))
