@@ -453,3 +453,31 @@ def test_segment_ids_isolate_packed_documents(tiny_config):
     leaky = np.asarray(fwd(packed, jnp.ones_like(seg), pos))
     assert not np.allclose(leaky[:, la:], alone[2:], rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(leaky[:, :la], alone[:2], rtol=1e-5, atol=1e-5)  # causal anyway
+
+
+@pytest.mark.parametrize("spec,xs,ws", [
+    ("btd,dchk->btchk", (2, 5, 8), (8, 3, 2, 4)),
+    ("...d,dchp->...chp", (2, 5, 8), (8, 2, 3, 4)),
+    ("bthk,hkd->btd", (2, 5, 3, 4), (3, 4, 8)),
+    ("btd,dh->bth", (2, 5, 8), (8, 3)),
+])
+def test_float32_projection_as_2d_matmul_matches_einsum(spec, xs, ws):
+    """float32 projections run as one 2-D matmul between reshapes (layers.matmul): same values
+    and gradients as the N-D einsum (float64 reference); non-projection specs are left alone."""
+    from efficient_arch.models import layers
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+    r = rng.standard_normal(np.einsum(spec, x, w).shape)
+    assert layers.PROJECT_2D and layers._projection_2d(spec, xs, ws) is not None
+    f = lambda x, w: jnp.sum(layers.matmul(spec, x, w, jnp.float32) * r)  # noqa: E731
+    val, (gx, gw) = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    with jax.enable_x64(True):  # reference: the plain N-D einsum in float64
+        ref = lambda x, w: jnp.sum(jnp.einsum(spec, x, w) * r)  # noqa: E731
+        rval, (rgx, rgw) = jax.value_and_grad(ref, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_allclose(val, rval, rtol=1e-5)
+    np.testing.assert_allclose(gx, rgx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw, rgw, rtol=1e-5, atol=1e-5)
+    for other in ("bnihk,bnjhk->bnhij", "bnhij,bnjhv->bnihv", "md,df->mf"):
+        assert layers._projection_2d(other, (2, 3, 4, 5, 6) if other[0] == "b" else (4, 8),
+                                     (2, 3, 4, 5, 6) if other[0] == "b" else (8, 3)) is None

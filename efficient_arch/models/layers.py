@@ -145,6 +145,31 @@ def _grad_specs(spec: str) -> tuple[str, str] | None:
     return f"{out},{b}->{a}", f"{a},{out}->{b}"
 
 
+PROJECT_2D = True  # module switch for A/B timing (benchmarks/NOTES.md); see matmul
+
+
+def _projection_2d(spec: str, x_shape, w_shape):
+    """``((M, K, N), out_shape)`` when ``spec`` is a projection that is one 2-D matmul after
+    reshapes: ``x``'s trailing axes contracted with ``w``'s leading axes (same order), the output
+    ``x``'s leading axes then ``w``'s trailing axes; else None (a 2-D spec is returned as None too)."""
+    ins, out = spec.replace(" ", "").split("->")
+    a, b = ins.split(",")
+    if "..." in b or out.count("...") != a.count("..."):
+        return None
+    if "..." in a:
+        fill = "".join(chr(0x3B1 + i) for i in range(len(x_shape) - (len(a) - 3)))  # greek: unused labels
+        a, out = a.replace("...", fill), out.replace("...", fill)
+    if len(a) != len(x_shape) or len(b) != len(w_shape) or (len(a), len(b)) == (2, 2):
+        return None
+    for kk in range(1, min(len(a), len(b)) + 1):
+        if a[-kk:] == b[:kk] and out == a[:-kk] + b[kk:] and not set(a[:-kk]) & set(b[kk:]):
+            m = math.prod(x_shape[:-kk])
+            k = math.prod(x_shape[-kk:])
+            n = math.prod(w_shape[kk:])
+            return (m, k, n), tuple(x_shape[:-kk]) + tuple(w_shape[kk:])
+    return None
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _dot16(spec, dtype, out_dtype, x, w):
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(out_dtype)
@@ -243,6 +268,15 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None, *, quan
     out_dtype = dtype if out_dtype is None else out_dtype
     if (quant or current_precision().quant) == "fp8":
         return fp8_einsum(spec, x, w, out_dtype)
+    # float32: a projection runs as one 2-D matmul between reshapes. XLA:CPU then lays the
+    # backward dots out row-major (einsum's N-D autodiff transposed cotangents of fused q/k/v
+    # projections): transformer.py:small / bench float32 steps 1.09-1.10x faster, chunked mixer
+    # layers 1.02-1.21x (benchmarks/NOTES.md). 16-bit compute keeps the N-D custom VJP (the 2-D
+    # form measured 0.89x there).
+    two_d = _projection_2d(spec, x.shape, w.shape) if PROJECT_2D and jnp.dtype(dtype).itemsize >= 4 else None
+    if two_d is not None:
+        (m, k, n), out_shape = two_d
+        return matmul("mk,kn->mn", x.reshape(m, k), w.reshape(k, n), dtype, out_dtype).reshape(out_shape)
     # float16 with a float32 result (the LM head): keep the float32 cotangent (tiny per-token
     # logit gradients underflow float16; there is no loss scaling). bfloat16 has float32's range.
     keep_f32_cotangent = jnp.dtype(dtype) == jnp.float16 and jnp.dtype(out_dtype).itemsize >= 4
