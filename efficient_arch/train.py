@@ -701,8 +701,13 @@ def run_training(cfg, workdir: str, *, progress: bool = True, console=None,
     if problem is not None:
         raise problem
 
-    stale = uncommitted_steps(os.path.join(workdir, "checkpoints"))  # orbax removes them on open
-    ckpt = Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every)
+    try:
+        stale = uncommitted_steps(os.path.join(workdir, "checkpoints"))  # orbax removes them on open
+        ckpt = Checkpointer(workdir, keep=t.keep_ckpts, save_every=t.ckpt_every)
+    except BaseException:
+        if lock is not None:  # release the workdir now, not when the file object is collected
+            lock.close()
+        raise
     stop = _StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     writer = MetricsWriter(workdir, enabled=False)  # the real one once the checkpoint restored

@@ -555,6 +555,31 @@ def test_a_locked_workdir_is_refused_naming_the_holder(finished_run, corpus, tmp
     assert "resumed from step 8" in " ".join(capsys.readouterr().out.split())
 
 
+def test_lock_is_released_when_the_checkpointer_cannot_open(finished_run, corpus, tmp_path, monkeypatch):
+    """A checkpoint folder that cannot be opened (Checkpointer raises after the lock was taken):
+    the error reaches the caller and the workdir's lock is released at once, not left to the
+    garbage collector (a retry in the same process would otherwise be refused)."""
+    import shutil
+
+    from efficient_arch import cli, train
+
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+
+    def broken(*a, **k):
+        raise OSError("checkpoint folder unreadable (test)")
+
+    from efficient_arch import checkpoint
+
+    monkeypatch.setattr(checkpoint, "Checkpointer", broken)  # train imports it at call time
+    with pytest.raises(OSError, match="unreadable") as raised:
+        cli.main(cli_argv(work, corpus, **{"train.steps": 10}))
+    assert raised.tb is not None  # the traceback (and its frames) still alive, as in a debugger
+    f, holder = train._try_lock(os.path.join(str(work), train.LOCK_FILE))
+    assert f is not None and holder is None, holder  # free: this process can take it again
+    f.close()
+
+
 # ----------------------------------------------------------------------------- NaN policy
 
 

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_arch.config import ATTENTION_IMPLS, QUANT_MODES  # model.attention_impl, model.quant
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-QUANT_MODES = ("none", "fp8")  # model.quant
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # model.attention_impl
 # FP8 formats (Micikevicius et al. 2022, "FP8 Formats for Deep Learning"): E4M3 (max 448) for the
 # forward operands, E5M2 (max 57344) for the gradients of the backward pass.
 FP8_FWD = jnp.float8_e4m3fn
