@@ -179,6 +179,7 @@ def load_run(workdir: str, *, step: int | None = None, device=None) -> LoadedRun
                                       partial_restore=True))
         if jax.tree.structure(restored) != jax.tree.structure(target):
             raise ValueError("the saved params do not match the model the saved config builds")
+        _verify_params(ckdir, step, restored)
     except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types
         raise CorruptCheckpointError(os.path.join(ckdir, str(step)), step, [s for s in steps if s < step], e) from e
     finally:
@@ -190,6 +191,33 @@ def load_run(workdir: str, *, step: int | None = None, device=None) -> LoadedRun
         raise GenerateError(f"the checkpoint of --workdir={workdir!r} has no values for {missing[:3]}; "
                             "generation only restores parameters (nnx.Param)")
     return LoadedRun(cfg=cfg, model=nnx.merge(graphdef, state), step=int(step), workdir=workdir)
+
+
+def _verify_params(ckdir: str, step: int, restored: dict) -> None:
+    """Compare the restored ``{"params": ...}`` with the per-array checksums recorded in the step's
+    ``data`` item at save time (as ``Checkpointer.restore`` does for the whole state); checkpoints
+    written before checksums existed are not checked.
+
+    Raises:
+      ChecksumMismatch: a parameter's bytes changed after the save.
+    """
+    import orbax.checkpoint as ocp
+
+    from efficient_arch.checkpoint import CHECKSUM_KEY, ChecksumMismatch, _checksum_mismatches
+
+    reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+    try:
+        data = reader.restore(os.path.join(ckdir, str(step), "data"), args=ocp.args.JsonRestore())
+    finally:
+        reader.close()
+    recorded = data.get(CHECKSUM_KEY) if isinstance(data, dict) else None
+    if not isinstance(recorded, dict):
+        return
+    bad = _checksum_mismatches(recorded, restored)
+    if bad:
+        raise ChecksumMismatch(f"the data of {len(bad)} parameter array(s) does not match the checksums recorded "
+                               f"when this step was saved (files changed after the save): {bad[0]}"
+                               + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
 
 
 def _read_step_config(ckdir: str, step: int, steps: list[int]) -> dict:

@@ -426,6 +426,38 @@ def test_bytes_flipped_in_place_are_detected_by_checksums(finished_run, corpus, 
     assert "previous committed step 6" in msg and listing(step8) == before
 
 
+def test_generate_checks_the_restored_parameters_against_their_checksums(finished_run, tmp_path):
+    """``generate.load_run`` restores only the parameters; they are compared with the checksums
+    recorded at save time too: a parameter whose recorded sum no longer matches its bytes (here the
+    record is edited, as if the array file had changed) makes the checkpoint corrupt, naming the
+    leaf; the untouched run loads."""
+    import json
+    import shutil
+
+    from efficient_arch import generate
+    from efficient_arch.checkpoint import CHECKSUM_KEY, CorruptCheckpointError
+
+    assert generate.load_run(str(finished_run)).step == 8
+    work = tmp_path / "run"
+    shutil.copytree(finished_run, work)
+    files = [p for p in (work / "checkpoints" / "8" / "data").rglob("*") if p.is_file()]
+    edited = None
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and CHECKSUM_KEY in data:
+            edited = next(k for k in data[CHECKSUM_KEY] if k.startswith("['params']"))
+            data[CHECKSUM_KEY][edited]["sum"] = (data[CHECKSUM_KEY][edited]["sum"] + 1) % 2**32
+            f.write_text(json.dumps(data))
+    assert edited, files
+    with pytest.raises(CorruptCheckpointError) as exc:
+        generate.load_run(str(work))
+    msg = str(exc.value)
+    assert "ChecksumMismatch" in msg and "parameter array(s) does not match the checksums" in msg and edited in msg
+
+
 @pytest.mark.parametrize("damage", ["config_garbage", "empty_folder"])
 def test_unreadable_latest_config_is_reported(finished_run, corpus, tmp_path, damage):
     """The config item of the latest step is not JSON, or the step folder is empty: the error
