@@ -7,7 +7,9 @@ CPU device.
 
 Each row runs in its own child process (so peak RSS is the row's own) which, in order:
 1. measures the float32 and bfloat16 (bf16 inputs, f32 accumulation) matmul peaks in that process
-   (``hardware.measure_cpu_matmul_peak``, no cache), and again after step 3, keeping the higher;
+   (``hardware.measure_cpu_matmul_peak``, no cache), and again after the timed steps, keeping the
+   higher (one calibration can still read low when another process takes a core: compare rows by
+   step time, not by MFU);
 2. builds the train step, lowers + compiles it (compile time), and takes the compiled memory
    analysis (temporaries per device);
 3. runs ``--warmup`` steps, then times ``--runs`` steps (median), on a fixed random batch.
@@ -96,7 +98,8 @@ def run_row(name: str, size: str, warmup: int, runs: int) -> dict:
     compiled, compile_s, times, m = (timed[k] for k in ("compiled", "compile_s", "step_times_s", "metrics"))
     # calibrate again after timing and keep the higher figure per dtype: one calibration can read
     # 25% low when another process briefly takes a core (seen: 145-195 GFLOP/s in one run)
-    peak = {k: max(v, peaks()[k]) for k, v in peak.items()}
+    again = peaks()
+    peak = {k: max(v, again[k]) for k, v in peak.items()}
     step = timed["step_time_s"]
     ana = flops.analytic_flops(cfg)
     tokens = cfg.train.batch_size * cfg.model.seq_len
@@ -135,6 +138,12 @@ def loss_check(steps: int) -> dict:
                    "step_time_s": s["step_time_s"], "mfu": s["mfu"]}
     out["val_loss_rel_diff"] = out["bfloat16"]["final_val_loss"] / out["float32"]["final_val_loss"] - 1
     return out
+
+
+LEGEND = ("step s: median of the timed steps; model GFLOP/step: analytic model FLOPs (causal attention, no "
+          "remat); MFU: model FLOP/s over this row's own peak for its compute dtype (vs f32 peak: over the "
+          "float32 peak); temp MiB: XLA's compiled temporaries; peak RSS MiB: the row's child process "
+          "(ru_maxrss, calibration included); MiB = 2^20 bytes")
 
 
 def table(rows: list[dict]) -> str:
@@ -192,6 +201,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
     print(table(rows))
+    print(LEGEND)
     if args.loss_check:
         lc = payload["loss_check"]
         print(f"\nloss check ({args.loss_check} steps, transformer.py:small): val loss float32 "

@@ -772,23 +772,31 @@ def peak_flops_per_device(
         if n_local > 1:  # fake devices (xla_force_host_platform_device_count) share one CPU
             return peak / n_local, f"{label}, divided by the {n_local} CPU devices sharing it"
         return peak, label
-    if canonical_dtype(dtype) == "float32" and getattr(device, "platform", "") == "gpu" \
-            and _gpu_float32_runs_as_tf32():
-        peak, label = lookup_peak(device.device_kind, "tf32")
-        return peak, (f"{label}; TF32 peak: float32 dots run on TF32 tensor cores at jax's default "
-                      "matmul precision (an H200 ran the bench float32 step at 101% of its CUDA-core "
-                      "FP32 peak); set jax_default_matmul_precision=highest for true float32 matmuls")
+    if canonical_dtype(dtype) == "float32" and getattr(device, "platform", "") in ("gpu", "cuda"):
+        import jax
+
+        prec = jax.config.jax_default_matmul_precision
+        if _gpu_float32_runs_as_tf32():
+            peak, label = lookup_peak(device.device_kind, "tf32")
+            return peak, (f"{label}; TF32 peak: float32 dots run on TF32 tensor cores at "
+                          f"jax_default_matmul_precision={prec!r} (an H200 ran the bench float32 step at "
+                          "101% of its CUDA-core FP32 rate); set it to 'highest' for true float32 matmuls")
+        peak, label = lookup_peak(device.device_kind, "float32")
+        return peak, (f"{label}; CUDA-core FP32 rate (no tensor cores): "
+                      f"jax_default_matmul_precision={prec!r}")
     return lookup_peak(device.device_kind, dtype)
 
 
 def _gpu_float32_runs_as_tf32() -> bool:
-    """Whether float32 dots on an NVIDIA GPU run as TF32: jax's ``jax_default_matmul_precision``
-    unset / "default" / "tensorfloat32" / "bfloat16*" lets XLA use the tensor cores; "highest" /
-    "float32" forces true float32."""
+    """Whether float32 dots on an NVIDIA GPU run as TF32 under ``jax_default_matmul_precision``:
+    unset / "default" / "bfloat16" / "high" / "tensorfloat32" / "TF32_TF32_F32" let XLA use the TF32
+    tensor cores; anything else ("highest", "float32", "F32_F32_F32", the multi-pass bf16 / TF32
+    emulations such as "BF16_BF16_F32_X3") is taken at the CUDA-core float32 rate (conservative:
+    the emulations use tensor cores but do several passes per product)."""
     import jax
 
-    prec = jax.config.jax_default_matmul_precision
-    return str(prec or "default").lower() not in ("highest", "float32", "precision.highest")
+    prec = str(jax.config.jax_default_matmul_precision or "default").lower().replace("precision.", "")
+    return prec in ("default", "bfloat16", "high", "tensorfloat32", "tf32_tf32_f32", "fastest")
 
 
 def peak_flops_for_policy(

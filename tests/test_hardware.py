@@ -248,8 +248,13 @@ def test_float32_on_gpu_takes_the_tf32_peak_unless_precision_is_highest():
     h200 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200")
     peak, label = hw.peak_flops_per_device("float32", device=h200)
     assert peak == hw.PEAK_FLOPS["H200"]["tf32"] and "TF32" in label and "highest" in label
-    with jax.default_matmul_precision("highest"):
-        assert hw.peak_flops_per_device("float32", device=h200)[0] == hw.PEAK_FLOPS["H200"]["float32"]
+    for true_f32 in ("highest", "float32", "F32_F32_F32", "BF16_BF16_F32_X3"):
+        with jax.default_matmul_precision(true_f32):
+            peak, label = hw.peak_flops_per_device("float32", device=h200)
+            assert peak == hw.PEAK_FLOPS["H200"]["float32"] and "CUDA-core" in label, (true_f32, label)
+    for tf32 in ("default", "high", "tensorfloat32", "TF32_TF32_F32"):
+        with jax.default_matmul_precision(tf32):
+            assert hw.peak_flops_per_device("float32", device=h200)[0] == hw.PEAK_FLOPS["H200"]["tf32"], tf32
     assert hw.peak_flops_per_device("bfloat16", device=h200)[0] == hw.PEAK_FLOPS["H200"]["bfloat16"]
     # a TPU has no float32 entry: the error is unchanged
     with pytest.raises(hw.UnknownAcceleratorError):

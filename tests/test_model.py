@@ -478,6 +478,12 @@ def test_float32_projection_as_2d_matmul_matches_einsum(spec, xs, ws):
     np.testing.assert_allclose(val, rval, rtol=1e-5)
     np.testing.assert_allclose(gx, rgx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw, rgw, rtol=1e-5, atol=1e-5)
+    # repeated labels, mismatched or broadcast contracted sizes: left to einsum (found by review:
+    # "bdd,dk->bdk" gave wrong values through the 2-D path)
+    assert layers._projection_2d("bdd,dk->bdk", (2, 4, 4), (4, 3)) is None
+    assert layers._projection_2d("bd,ddk->bdk", (2, 4), (4, 4, 3)) is None
+    assert layers._projection_2d("bcd,cdk->bk", (2, 4, 6), (6, 4, 3)) is None
+    assert layers._projection_2d("btd,dk->btk", (2, 5, 8), (1, 3)) is None
     for other in ("bnihk,bnjhk->bnhij", "bnhij,bnjhv->bnihv", "md,df->mf"):
         assert layers._projection_2d(other, (2, 3, 4, 5, 6) if other[0] == "b" else (4, 8),
                                      (2, 3, 4, 5, 6) if other[0] == "b" else (8, 3)) is None

@@ -161,8 +161,11 @@ def _projection_2d(spec: str, x_shape, w_shape):
         a, out = a.replace("...", fill), out.replace("...", fill)
     if len(a) != len(x_shape) or len(b) != len(w_shape) or (len(a), len(b)) == (2, 2):
         return None
+    if len(set(a)) != len(a) or len(set(b)) != len(b):  # a repeated label (a trace or diagonal)
+        return None
     for kk in range(1, min(len(a), len(b)) + 1):
-        if a[-kk:] == b[:kk] and out == a[:-kk] + b[kk:] and not set(a[:-kk]) & set(b[kk:]):
+        if (a[-kk:] == b[:kk] and out == a[:-kk] + b[kk:] and not set(a[:-kk]) & set(b[kk:])
+                and tuple(x_shape[-kk:]) == tuple(w_shape[:kk])):  # else einsum broadcasts or raises
             m = math.prod(x_shape[:-kk])
             k = math.prod(x_shape[-kk:])
             n = math.prod(w_shape[kk:])
@@ -263,7 +266,9 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None, *, quan
     inputs with float32 accumulation (a custom VJP casts the incoming cotangent to ``dtype``);
     the gradients come back in the primal dtypes (float32 weight gradients, never rounded to 16
     bits). Plain autodiff would hand the backward dots a float32 cotangent, and XLA:CPU then runs
-    them as float32 x float32 (measured in benchmarks/NOTES.md). float32 compute: a plain einsum.
+    them as float32 x float32 (measured in benchmarks/NOTES.md). float32 compute: a plain einsum,
+    except that a projection (x's trailing axes contracted with w's leading axes) runs as one 2-D
+    matmul between reshapes (:func:`_projection_2d`).
     """
     out_dtype = dtype if out_dtype is None else out_dtype
     if (quant or current_precision().quant) == "fp8":
