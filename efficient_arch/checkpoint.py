@@ -213,6 +213,21 @@ class ChecksumMismatch(ValueError):
     """Restored array data differs from what was saved (the files changed after the save)."""
 
 
+def check_checksums(recorded: Mapping[str, Any], state: Any, what: str = "array(s)") -> None:
+    """Compare ``state`` (a restored pytree, or a subtree such as ``{"params": ...}``) with the
+    checksums recorded at save time; leaves absent from either side are not compared.
+
+    Raises:
+      ChecksumMismatch: naming the first differing leaf and how many differ.
+    """
+    bad = _checksum_mismatches(recorded, state)
+    if bad:
+        raise ChecksumMismatch(
+            f"the data of {len(bad)} {what} does not match the checksums recorded when this step was "
+            "saved, so its files changed after the save (bytes flipped on disk, an in-place edit, a "
+            f"bad copy): {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+
+
 def _to_abstract(leaf: Any) -> Any:
     """A restore target leaf: ShapeDtypeStruct with a concrete sharding."""
     if isinstance(leaf, jax.Array):
@@ -422,12 +437,7 @@ class Checkpointer:
             recorded = data.pop(CHECKSUM_KEY, None)
             self.verified = bool(verify and isinstance(recorded, Mapping))
             if self.verified:
-                bad = _checksum_mismatches(recorded, restored["state"])
-                if bad:
-                    raise ChecksumMismatch(
-                        f"the data of {len(bad)} array(s) does not match the checksums recorded when this step was "
-                        "saved, so its files changed after the save (bytes flipped on disk, an in-place edit, a "
-                        f"bad copy): {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+                check_checksums(recorded, restored["state"])
         except Exception as e:  # noqa: BLE001 - orbax / tensorstore / json raise many types
             raise CorruptCheckpointError(self.directory / str(step), step,
                                          [s for s in steps if s < step], e) from e

@@ -203,7 +203,7 @@ def _verify_params(ckdir: str, step: int, restored: dict) -> None:
     """
     import orbax.checkpoint as ocp
 
-    from efficient_arch.checkpoint import CHECKSUM_KEY, ChecksumMismatch, _checksum_mismatches
+    from efficient_arch.checkpoint import CHECKSUM_KEY, check_checksums
 
     reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
     try:
@@ -211,13 +211,8 @@ def _verify_params(ckdir: str, step: int, restored: dict) -> None:
     finally:
         reader.close()
     recorded = data.get(CHECKSUM_KEY) if isinstance(data, dict) else None
-    if not isinstance(recorded, dict):
-        return
-    bad = _checksum_mismatches(recorded, restored)
-    if bad:
-        raise ChecksumMismatch(f"the data of {len(bad)} parameter array(s) does not match the checksums recorded "
-                               f"when this step was saved (files changed after the save): {bad[0]}"
-                               + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+    if isinstance(recorded, dict):
+        check_checksums(recorded, restored, what="parameter array(s)")
 
 
 def _read_step_config(ckdir: str, step: int, steps: list[int]) -> dict:
