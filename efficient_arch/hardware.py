@@ -772,19 +772,35 @@ def peak_flops_per_device(
         if n_local > 1:  # fake devices (xla_force_host_platform_device_count) share one CPU
             return peak / n_local, f"{label}, divided by the {n_local} CPU devices sharing it"
         return peak, label
-    if canonical_dtype(dtype) == "float32" and getattr(device, "platform", "") in ("gpu", "cuda"):
-        import jax
-
-        prec = jax.config.jax_default_matmul_precision
-        if _gpu_float32_runs_as_tf32():
-            peak, label = lookup_peak(device.device_kind, "tf32")
-            return peak, (f"{label}; TF32 peak: float32 dots run on TF32 tensor cores at "
-                          f"jax_default_matmul_precision={prec!r} (an H200 ran the bench float32 step at "
-                          "101% of its CUDA-core FP32 rate); set it to 'highest' for true float32 matmuls")
-        peak, label = lookup_peak(device.device_kind, "float32")
-        return peak, (f"{label}; CUDA-core FP32 rate (no tensor cores): "
-                      f"jax_default_matmul_precision={prec!r}")
+    if getattr(device, "platform", "") in ("gpu", "cuda"):
+        return lookup_matmul_peak(device.device_kind, dtype)
     return lookup_peak(device.device_kind, dtype)
+
+
+def lookup_matmul_peak(chip: str, dtype: str) -> tuple[float, str]:
+    """:func:`lookup_peak` for the dtype the chip's matmuls actually run in: on an NVIDIA chip
+    (a table entry with a ``"tf32"`` figure) a float32 model's dots run on TF32 tensor cores at
+    jax's default matmul precision, so the TF32 peak applies unless ``jax_default_matmul_precision``
+    asks for true float32 (:func:`_gpu_float32_runs_as_tf32`); every other case is
+    ``lookup_peak(chip, dtype)``. Used for MFU (:func:`peak_flops_per_device` on a GPU) and by
+    the roofline, so both take the same peak.
+
+    Raises:
+      UnknownAcceleratorError / ValueError: as :func:`lookup_peak`.
+    """
+    import jax
+
+    name = chip_name(chip) or chip
+    if canonical_dtype(dtype) != "float32" or "tf32" not in PEAK_FLOPS.get(name, {}):
+        return lookup_peak(chip, dtype)
+    prec = jax.config.jax_default_matmul_precision
+    if _gpu_float32_runs_as_tf32():
+        peak, label = lookup_peak(chip, "tf32")
+        return peak, (f"{label}; TF32 peak: float32 dots run on TF32 tensor cores at "
+                      f"jax_default_matmul_precision={prec!r} (an H200 ran the bench float32 step at "
+                      "101% of its CUDA-core FP32 rate); set it to 'highest' for true float32 matmuls")
+    peak, label = lookup_peak(chip, "float32")
+    return peak, f"{label}; CUDA-core FP32 rate (no tensor cores): jax_default_matmul_precision={prec!r}"
 
 
 def _gpu_float32_runs_as_tf32() -> bool:

@@ -106,7 +106,7 @@ def chip_figures(chip: str, dtype: str, *, peak_flops: float | None = None,
         peak, peak_src = float(peak_flops), "user-given"
     else:
         peak_chip = hardware.HBM_BANDWIDTH[key]["peak_chip"] if key else hardware.normalize_chip(chip)
-        peak, peak_src = hardware.lookup_peak(peak_chip, dtype)
+        peak, peak_src = hardware.lookup_matmul_peak(peak_chip, dtype)
     return {"chip": key or chip, "dtype": dtype, "peak_flops_per_s": peak, "peak_source": peak_src,
             "hbm_bytes_per_s": bw, "hbm_source": bw_src, "ridge_flops_per_byte": peak / bw}
 

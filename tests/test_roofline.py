@@ -268,3 +268,19 @@ def test_cli_roofline_unknown_chip_exits_2(capsys):
         cli.main(["roofline", f"--config={CONFIGS / 'transformer.py'}:tiny", "--chip=mi300x"])
     assert e.value.code == 2
     assert "--hbm_bandwidth" in capsys.readouterr().err
+
+
+def test_float32_roofline_uses_the_same_peak_as_mfu():
+    """On an NVIDIA chip a float32 model's dots run as TF32 at jax's default precision: the
+    roofline's peak (and ridge point) is the TF32 one, as MFU's (hardware.lookup_matmul_peak);
+    with true float32 matmuls requested, the CUDA-core rate."""
+    import jax
+
+    from efficient_arch import hardware, roofline
+
+    f = roofline.chip_figures("h200", "float32")
+    assert f["peak_flops_per_s"] == hardware.PEAK_FLOPS["H200"]["tf32"] and "TF32" in f["peak_source"]
+    assert f["peak_flops_per_s"] == hardware.lookup_matmul_peak("NVIDIA H200", "float32")[0]
+    with jax.default_matmul_precision("highest"):
+        assert roofline.chip_figures("h200", "float32")["peak_flops_per_s"] == hardware.PEAK_FLOPS["H200"]["float32"]
+    assert roofline.chip_figures("h200", "bfloat16")["peak_flops_per_s"] == hardware.PEAK_FLOPS["H200"]["bfloat16"]
