@@ -223,7 +223,7 @@ def cmd_train(argv: list[str]) -> int:
     keys = ["n_params", "n_params_non_embedding", "n_active_params", "tokens_per_step", "step_time_s",
             "tokens_per_s", "model_flops_per_step", "attention_flops_convention", "hardware_flops_per_step",
             "xla_flops_per_step",
-            "xla_vs_analytic_hardware", "peak_flops_per_s", "peak_flops_source", "mfu", "hfu", "device_kind",
+            "xla_vs_analytic_hardware", "precision", "peak_flops_per_s", "peak_flops_source", "mfu", "hfu", "device_kind",
             "n_devices", "compile_time_s", "final_train_loss", "final_val_loss", "val_bpb", "val_accuracy"]
     keys += [k for k in ("skipped_steps", "warning", "accounting_error") if s.get(k)]
     _table(f"summary ({os.path.join(fv.workdir, 'summary.json')})", [(k, _fmt(s.get(k))) for k in keys])

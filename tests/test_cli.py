@@ -119,6 +119,8 @@ def test_train_exits_zero_and_writes_summary(trained):
     assert summary["model_flops_per_step"] == analytic_flops(cfg)["model_flops_per_step"]
     assert summary["peak_flops_per_s"] == PEAK and summary["peak_flops_source"] == "user-given"
     assert summary["n_devices"] == 1  # the subprocess sees the one host CPU device
+    # the console summary table shows the precision policy too (as summary.json has it)
+    assert summary["precision"].startswith("params float32") and "precision" in proc.stdout
     assert summary["tokens_per_s"] == pytest.approx(summary["tokens_per_step"] / summary["step_time_s"], rel=1e-9)
     assert summary["mfu"] == pytest.approx(
         summary["model_flops_per_step"] / summary["step_time_s"] / (summary["n_devices"] * PEAK), rel=1e-9)
