@@ -565,12 +565,14 @@ def run_generate(workdir: str, prompt: str, max_new_tokens: int, *, temperature:
       ``decode_tokens_per_s`` (None without decode steps), ``bytes`` (:func:`decode_traffic`),
       ``implied_bytes_per_s``, ``bandwidth_bytes_per_s`` and ``bandwidth_source``
       (:func:`memory_bandwidth`), ``bandwidth_utilization`` (None when no bandwidth is known),
-      ``device_kind``, ``sampling``.
+      ``device_kind``, ``sampling``, ``dtype`` / ``param_dtype`` / ``quant`` and ``precision``
+      (the run's precision policy in words).
     Raises:
       GenerateError: bad input (message names the flag); CorruptCheckpointError: unreadable
         checkpoint.
     """
     from efficient_arch.data import tokenizer
+    from efficient_arch.models.layers import describe_precision
     from efficient_arch.models.lm import layer_kinds
 
     if not isinstance(prompt, str) or not prompt:
@@ -590,6 +592,7 @@ def run_generate(workdir: str, prompt: str, max_new_tokens: int, *, temperature:
     out = {
         "workdir": workdir, "step": run.step, "mixers": list(dict.fromkeys(k[0] for k in layer_kinds(m))),
         "ffns": list(dict.fromkeys(k[1] for k in layer_kinds(m))), "dtype": m.dtype, "param_dtype": m.param_dtype,
+        "quant": m.get("quant", "none"), "precision": describe_precision(m, jax.devices()[0].platform),
         "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed},
         "prompt_tokens": gen.prompt_len, "new_tokens": int(gen.tokens.shape[1]), "max_len": gen.max_len,
         "batch": b, "tokens": gen.tokens[0].tolist(),
@@ -626,7 +629,8 @@ def print_report(r: dict, console=None) -> None:
     print(r["text"], flush=True)  # plain: no rich markup interpretation of the generated text
     b = r["bytes"]
     table = Table(title=f"generate: {r['workdir']} step {r['step']} ({'+'.join(r['mixers'])}"
-                        f"{'' if r['ffns'] == ['mlp'] else ' / ' + '+'.join(r['ffns'])}, {r['dtype']}) on "
+                        f"{'' if r['ffns'] == ['mlp'] else ' / ' + '+'.join(r['ffns'])}, {r['dtype']}"
+                        f"{', FP8 matmuls' if r.get('quant') == 'fp8' else ''}) on "
                         f"{r['device_kind']}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", justify="right")

@@ -307,6 +307,7 @@ def test_cli_generate_end_to_end(trained_run, tmp_path, capsys):
         assert row in out, row
     assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["decode_steps"] == 6
     assert r["bytes"]["per_token"] > r["bytes"]["weights"] > 0
+    assert r["quant"] == "none" and r["precision"] == "params float32, compute float32"
     if jax.devices()[0].platform == "cpu":
         assert r["bandwidth_utilization"] is None and "none known for a CPU" in r["bandwidth_source"]
     # same seed, same text; --hbm_bandwidth gives a utilization; --step picks an older checkpoint
