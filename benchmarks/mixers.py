@@ -409,7 +409,7 @@ def _skeleton(kind: str, shapes: dict, chunk: int):
     analytic ``flops_gated_linear_attention`` / ``flops_delta_rule`` charge to the chunked core.
     """
     from efficient_arch.ops.delta_rule import unit_lower_inverse
-    from efficient_arch.ops.linear_recurrence import _mm
+    from efficient_arch.ops.dots import dot_canonical as _mm
 
     b, t, h, kd = shapes["q"]
     vd = shapes["v"][-1]

@@ -27,14 +27,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_F32 = jnp.float32
+from efficient_arch.ops import dots
+
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # as jax.nn.dot_product_attention's XLA form
 
 
-def _dot(spec, a, b, dtype):
-    # float32 accumulation (float64 for float64 inputs, as in tests)
-    acc = jnp.promote_types(jnp.dtype(dtype), _F32)
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=acc)
+_dot = dots.dot
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

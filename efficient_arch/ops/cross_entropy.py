@@ -30,18 +30,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from efficient_arch.ops import dots
 from efficient_arch.ops import scan as _scan
 
-_F32 = jnp.float32
 
 
-def _acc(dtype):
-    """Accumulation dtype: float32, or float64 for float64 inputs (tests)."""
-    return jnp.promote_types(jnp.dtype(dtype), _F32)
-
-
-def _dot(spec, a, b, dtype):
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=_acc(dtype))
+_acc = dots.acc_dtype
+_dot = dots.dot
 
 
 def _specs(tied: bool) -> tuple[str, str, str]:

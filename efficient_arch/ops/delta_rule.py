@@ -42,14 +42,13 @@ import math
 
 import jax.numpy as jnp
 
+from efficient_arch.ops import dots
 from efficient_arch.ops import scan as _scan
 
 FORMS = ("chunked", "recurrent")
 
 
-def _acc_dtype(dtype):
-    """float32 for 16/32-bit inputs, float64 for float64 inputs (tests)."""
-    return jnp.promote_types(dtype, jnp.float32)
+_acc_dtype = dots.acc_dtype
 
 
 def _check(q, k, v, beta, log_decay, segment_ids, initial_state):

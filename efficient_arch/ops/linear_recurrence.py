@@ -49,6 +49,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from efficient_arch.ops import dots
 from efficient_arch.ops import scan as _scan
 
 FORMS = ("chunked", "recurrent", "quadratic")
@@ -58,26 +59,8 @@ SUB_CHUNK = 16  # secondary chunk length (vector decay, chunked form) is gcd(chu
 # ----------------------------------------------------------------------------- helpers
 
 
-def _acc_dtype(dtype):
-    """Accumulation / state dtype: float32, or float64 for float64 inputs (tests)."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _mm(spec: str, a: jax.Array, b: jax.Array, dtype, acc) -> jax.Array:
-    """einsum with operands cast to the compute ``dtype`` and accumulation in ``acc``.
-
-    The contraction is emitted with the canonical output order (batch dims, then ``a``'s free
-    dims, then ``b``'s) and transposed afterwards: XLA:CPU (jax 0.10) rejects a bf16 x bf16 -> f32
-    dot whose output layout puts a free dim before a batch dim ("Unsupported element type for
-    DotThunk::Execute").
-    """
-    ins, out = spec.split("->")
-    sa, sb = ins.split(",")
-    batch = [c for c in out if c in sa and c in sb]
-    canon = "".join(batch + [c for c in out if c in sa and c not in sb] +
-                    [c for c in out if c in sb and c not in sa])
-    y = jnp.einsum(f"{sa},{sb}->{canon}", a.astype(dtype), b.astype(dtype), preferred_element_type=acc)
-    return y if canon == out else jnp.transpose(y, [canon.index(c) for c in out])
+_acc_dtype = dots.acc_dtype
+_mm = dots.dot_canonical
 
 
 def _cumsum(x: jax.Array, axis: int) -> jax.Array:
