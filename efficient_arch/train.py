@@ -26,7 +26,7 @@ from efficient_arch import parallel
 from efficient_arch.checkpoint import WorkdirBusyError
 from efficient_arch.config import TASK_SOURCES
 from efficient_arch.ops import scan as scan_lib
-from efficient_arch.ops.cross_entropy import linear_cross_entropy
+from efficient_arch.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_eval
 from efficient_arch.models.layers import describe_precision
 from efficient_arch.models.lm import apply_step_stats, new_model
 
@@ -234,10 +234,17 @@ def build(cfg, mesh: Mesh) -> Run:
 
     def eval_fn(params, batch):
         model = nnx.merge(graphdef, params)
-        logits, _ = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
-        loss_sum, count = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
-        hit = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
         mask = batch.get("loss_mask")
+        if t.ce_chunk_size:  # as the train step: no [B, T, vocab] logits
+            h, _ = model.hidden(batch["inputs"], segment_ids=batch.get("segment_ids"))
+            w, tied = model.head_weight()
+            m = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+            loss_sum, correct = linear_cross_entropy_eval(h, w, batch["targets"], m, int(t.ce_chunk_size), tied,
+                                                          model.dtype)
+            return loss_sum, jnp.sum(m), correct
+        logits, _ = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
+        loss_sum, count = cross_entropy(logits, batch["targets"], mask)
+        hit = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
         correct = jnp.sum(hit if mask is None else hit * mask.astype(jnp.float32))
         return loss_sum, count, correct
 

@@ -57,15 +57,51 @@ def _unchunk(x):
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
-def _loss_and_grads(h, w, targets, mask, chunk_size, tied, dtype):
-    b, t, d = h.shape
+def _pad_to_chunks(h, targets, mask, chunk_size):
+    """Pad the sequence to a multiple of the chunk (padded positions weigh 0): ``(h, targets,
+    mask, n chunks, chunk length)``."""
+    t = h.shape[1]
     c = min(chunk_size, t)
     pad = (-t) % c
     if pad:  # padded positions have weight 0: no loss, no gradient
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
         mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    n = (t + pad) // c
+    return h, targets, mask, (t + pad) // c, c
+
+
+def linear_cross_entropy_eval(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array,
+                              chunk_size: int, tied: bool, dtype) -> tuple[jax.Array, jax.Array]:
+    """Evaluation form of :func:`linear_cross_entropy`: ``(summed weighted loss, weighted count of
+    argmax hits)``, chunk by chunk, without ``[B, T, V]`` logits and without gradients.
+
+    Args: as :func:`linear_cross_entropy`. Returns: two float32 (float64 for float64 inputs)
+    scalars: ``sum mask * (logsumexp(z) - z[target])`` in nats and ``sum mask * [argmax z ==
+    target]``, equal to the full-logits computation (ties in the argmax resolve to the first
+    index, as ``jnp.argmax``).
+    """
+    h, targets, mask, n, c = _pad_to_chunks(h, targets, mask, chunk_size)
+    s_logits = _specs(tied)[0]
+    w = w.astype(dtype)
+
+    def body(carry, xs):
+        loss, hits = carry
+        hc, yc, mc = xs
+        z = _dot(s_logits, hc, w, dtype)  # [B, c, V] float32
+        zy = jnp.sum(z * jax.nn.one_hot(yc, z.shape[-1], dtype=z.dtype), axis=-1)
+        m = mc.astype(z.dtype)
+        loss = loss + jnp.sum(m * (jax.nn.logsumexp(z, axis=-1) - zy))
+        hits = hits + jnp.sum(m * (jnp.argmax(z, axis=-1) == yc).astype(z.dtype))
+        return (loss, hits), None
+
+    init = (jnp.zeros((), _acc(dtype)), jnp.zeros((), _acc(dtype)))
+    (loss, hits), _ = _scan.scan(body, init, (_chunks(h, n, c), _chunks(targets, n, c), _chunks(mask, n, c)))
+    return loss, hits
+
+
+def _loss_and_grads(h, w, targets, mask, chunk_size, tied, dtype):
+    t = h.shape[1]
+    h, targets, mask, n, c = _pad_to_chunks(h, targets, mask, chunk_size)
     s_logits, s_dh, s_dw = _specs(tied)
     w = w.astype(dtype)  # once, not per chunk
 
