@@ -19,15 +19,21 @@ def reference(h, w, y, m, tied):
     return jnp.sum(m * optax.softmax_cross_entropy_with_integer_labels(z, y))
 
 
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("chunk", [1, 4, 5, 64])  # 5: T=13 not a multiple; 64 > T: one chunk
-def test_matches_full_logits_float64(tied, chunk):
-    rng = np.random.default_rng(0)
-    b, t, d, v = 2, 13, 8, 11
+def _problem(seed, tied, b=2, t=13, d=8, v=11):
+    """float64 ``(h [B, T, d], w [d, V] or [V, d] when tied, int32 targets, 0/1 mask)``; T = 13 is
+    not a multiple of the chunk sizes tested."""
+    rng = np.random.default_rng(seed)
     h = rng.standard_normal((b, t, d))
     w = rng.standard_normal((v, d) if tied else (d, v))
     y = rng.integers(0, v, (b, t)).astype(np.int32)
     m = (rng.random((b, t)) > 0.3).astype(np.float64)
+    return h, w, y, m
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk", [1, 4, 5, 64])  # 5: T=13 not a multiple; 64 > T: one chunk
+def test_matches_full_logits_float64(tied, chunk):
+    h, w, y, m = _problem(0, tied)
     with jax.enable_x64(True):
         f = lambda h, w: linear_cross_entropy(h, w, y, m, chunk, tied, jnp.float64)  # noqa: E731
         got, got_g = jax.value_and_grad(f, argnums=(0, 1))(h, w)
@@ -46,13 +52,8 @@ def test_matches_full_logits_float64(tied, chunk):
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_eval_form_matches_full_logits_float64(tied, chunk):
     """The evaluation form (loss and argmax hits, no gradients, chunked) against the full logits."""
-    rng = np.random.default_rng(2)
-    b, t, d, v = 2, 13, 8, 11
-    h = rng.standard_normal((b, t, d))
-    w = rng.standard_normal((v, d) if tied else (d, v))
-    y = rng.integers(0, v, (b, t)).astype(np.int32)
+    h, w, y, m = _problem(2, tied)
     y[0, :4] = np.argmax(np.einsum("td,vd->tv" if tied else "td,dv->tv", h[0, :4], w), -1)  # some hits
-    m = (rng.random((b, t)) > 0.3).astype(np.float64)
     with jax.enable_x64(True):
         loss, hits = linear_cross_entropy_eval(h, w, y, m, chunk, tied, jnp.float64)
         z = np.einsum("btd,vd->btv" if tied else "btd,dv->btv", h, w)

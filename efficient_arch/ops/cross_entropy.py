@@ -70,6 +70,16 @@ def _pad_to_chunks(h, targets, mask, chunk_size):
     return h, targets, mask, (t + pad) // c, c
 
 
+def _chunk_loss(hc, yc, mc, w, s_logits, dtype):
+    """One chunk's logits ``z`` ``[B, c, V]`` (float32), ``logsumexp(z)``, the targets' one-hot and
+    the chunk's summed weighted loss ``sum mc * (lse - z[target])``."""
+    z = _dot(s_logits, hc, w, dtype)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    onehot = jax.nn.one_hot(yc, z.shape[-1], dtype=z.dtype)
+    zy = jnp.sum(z * onehot, axis=-1)  # no gather over a (possibly vocab-sharded) axis
+    return z, lse, onehot, jnp.sum(mc.astype(z.dtype) * (lse - zy))
+
+
 def linear_cross_entropy_eval(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array,
                               chunk_size: int, tied: bool, dtype) -> tuple[jax.Array, jax.Array]:
     """Evaluation form of :func:`linear_cross_entropy`: ``(summed weighted loss, weighted count of
@@ -87,12 +97,9 @@ def linear_cross_entropy_eval(h: jax.Array, w: jax.Array, targets: jax.Array, ma
     def body(carry, xs):
         loss, hits = carry
         hc, yc, mc = xs
-        z = _dot(s_logits, hc, w, dtype)  # [B, c, V] float32
-        zy = jnp.sum(z * jax.nn.one_hot(yc, z.shape[-1], dtype=z.dtype), axis=-1)
-        m = mc.astype(z.dtype)
-        loss = loss + jnp.sum(m * (jax.nn.logsumexp(z, axis=-1) - zy))
-        hits = hits + jnp.sum(m * (jnp.argmax(z, axis=-1) == yc).astype(z.dtype))
-        return (loss, hits), None
+        z, _, _, chunk_loss = _chunk_loss(hc, yc, mc, w, s_logits, dtype)
+        hits = hits + jnp.sum(mc.astype(z.dtype) * (jnp.argmax(z, axis=-1) == yc).astype(z.dtype))
+        return (loss + chunk_loss, hits), None
 
     init = (jnp.zeros((), _acc(dtype)), jnp.zeros((), _acc(dtype)))
     (loss, hits), _ = _scan.scan(body, init, (_chunks(h, n, c), _chunks(targets, n, c), _chunks(mask, n, c)))
@@ -108,15 +115,11 @@ def _loss_and_grads(h, w, targets, mask, chunk_size, tied, dtype):
     def body(carry, xs):
         loss, dw = carry
         hc, yc, mc = xs
-        z = _dot(s_logits, hc, w, dtype)  # [B, c, V] float32
-        lse = jax.nn.logsumexp(z, axis=-1)
-        onehot = jax.nn.one_hot(yc, z.shape[-1], dtype=z.dtype)
-        zy = jnp.sum(z * onehot, axis=-1)  # no gather over a (possibly vocab-sharded) axis
-        loss = loss + jnp.sum(mc.astype(z.dtype) * (lse - zy))
+        z, lse, onehot, chunk_loss = _chunk_loss(hc, yc, mc, w, s_logits, dtype)
         dz = (jnp.exp(z - lse[..., None]) - onehot) * mc[..., None].astype(z.dtype)
         dh = _dot(s_dh, dz, w, dtype)
         dw = dw + _dot(s_dw, hc, dz, dtype)
-        return (loss, dw), dh
+        return (loss + chunk_loss, dw), dh
 
     init = (jnp.zeros((), _acc(dtype)), jnp.zeros(w.shape, _acc(dtype)))
     (loss, dw), dh = _scan.scan(body, init, (_chunks(h, n, c), _chunks(targets, n, c), _chunks(mask, n, c)))
