@@ -201,30 +201,31 @@ def _verify_params(ckdir: str, step: int, restored: dict) -> None:
     Raises:
       ChecksumMismatch: a parameter's bytes changed after the save.
     """
-    import orbax.checkpoint as ocp
-
     from efficient_arch.checkpoint import CHECKSUM_KEY, check_checksums
 
-    reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
-    try:
-        data = reader.restore(os.path.join(ckdir, str(step), "data"), args=ocp.args.JsonRestore())
-    finally:
-        reader.close()
+    data = _read_json_item(ckdir, step, "data")
     recorded = data.get(CHECKSUM_KEY) if isinstance(data, dict) else None
     if isinstance(recorded, dict):
         check_checksums(recorded, restored, what="parameter array(s)")
 
 
 def _read_step_config(ckdir: str, step: int, steps: list[int]) -> dict:
-    import orbax.checkpoint as ocp
-
     from efficient_arch.checkpoint import CorruptCheckpointError
+
+    try:
+        return dict(_read_json_item(ckdir, step, "config"))
+    except Exception as e:  # noqa: BLE001
+        raise CorruptCheckpointError(os.path.join(ckdir, str(step)), step, [s for s in steps if s < step], e) from e
+
+
+def _read_json_item(ckdir: str, step: int, item: str):
+    """The JSON item ``item`` ("config", "data") of checkpoint ``step`` as saved (errors raised as
+    orbax raises them)."""
+    import orbax.checkpoint as ocp
 
     reader = ocp.Checkpointer(ocp.JsonCheckpointHandler())
     try:
-        return dict(reader.restore(os.path.join(ckdir, str(step), "config"), args=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001
-        raise CorruptCheckpointError(os.path.join(ckdir, str(step)), step, [s for s in steps if s < step], e) from e
+        return reader.restore(os.path.join(ckdir, str(step), item), args=ocp.args.JsonRestore())
     finally:
         reader.close()
 

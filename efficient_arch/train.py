@@ -163,15 +163,21 @@ def build(cfg, mesh: Mesh) -> Run:
             return jnp.asarray(batch["targets"].size, jnp.float32)
         return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
+    def fused_head_inputs(model, batch):
+        """``(hidden states, head weight, tied, float32 loss mask (ones without one), aux)``: the
+        inputs of the chunked head + loss (``train.ce_chunk_size``)."""
+        h, aux = model.hidden(batch["inputs"], segment_ids=batch.get("segment_ids"))
+        w, tied = model.head_weight()
+        mask = batch.get("loss_mask")
+        mask = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+        return h, w, tied, mask, aux
+
     def loss_fn(params, batch, denom):
         # ce = this microbatch's summed token loss / tokens in the *global* batch, so the sum
         # over microbatches is the global token mean whatever each microbatch's count is
         model = nnx.merge(graphdef, params)
         if t.ce_chunk_size:  # fused head + loss, chunked: no [B, T, vocab] logits
-            h, aux = model.hidden(batch["inputs"], segment_ids=batch.get("segment_ids"))
-            w, tied = model.head_weight()
-            mask = batch.get("loss_mask")
-            mask = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+            h, w, tied, mask, aux = fused_head_inputs(model, batch)
             loss_sum = linear_cross_entropy(h, w, batch["targets"], mask, int(t.ce_chunk_size), tied, model.dtype)
         else:
             logits, aux = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
@@ -234,14 +240,12 @@ def build(cfg, mesh: Mesh) -> Run:
 
     def eval_fn(params, batch):
         model = nnx.merge(graphdef, params)
-        mask = batch.get("loss_mask")
         if t.ce_chunk_size:  # as the train step: no [B, T, vocab] logits
-            h, _ = model.hidden(batch["inputs"], segment_ids=batch.get("segment_ids"))
-            w, tied = model.head_weight()
-            m = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+            h, w, tied, m, _ = fused_head_inputs(model, batch)
             loss_sum, correct = linear_cross_entropy_eval(h, w, batch["targets"], m, int(t.ce_chunk_size), tied,
                                                           model.dtype)
             return loss_sum, jnp.sum(m), correct
+        mask = batch.get("loss_mask")
         logits, _ = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
         loss_sum, count = cross_entropy(logits, batch["targets"], mask)
         hit = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
