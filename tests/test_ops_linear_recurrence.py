@@ -4,6 +4,8 @@ in float32 / bfloat16 against a float64 reference, and the decode step."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,12 +76,13 @@ def test_forms_agree_outputs_states_gradients_float64(decay):
 
 
 def test_vector_decay_secondary_chunking_float64():
-    """C = 32 and 64 use 2 and 4 sub-chunks of 16 (off-diagonal blocks as matmuls); T = 70 pads."""
+    """C = 32 and 64: 5 and 6 halving levels (score blocks as matmuls); C = 24 and 48 are padded to
+    32 / 64 inside the chunk; T = 70 pads the sequence."""
     with jax.enable_x64(True):
         q, k, v, g = inputs(2, t=70, decay="vector", strength=2.0)
         s0 = np.random.default_rng(3).standard_normal((B, H, K, V))
         ref_o, ref_s = run(q, k, v, g, "recurrent", initial_state=jnp.asarray(s0))
-        for c in (32, 64):
+        for c in (24, 32, 48, 64):
             o, s = run(q, k, v, g, "chunked", chunk_size=c, initial_state=jnp.asarray(s0))
             assert_close(o, ref_o, 1e-10, f"C={c} output")
             assert_close(s, ref_s, 1e-10, f"C={c} state")
@@ -212,7 +215,11 @@ def test_flops_formula_values():
     assert f("recurrent") == 2 * 6 * 16 * 8 and f("recurrent", has_decay=False) == 2 * 5 * 16 * 8
     assert f("quadratic") == 2 * 2 * 128 * 24
     assert f("chunked", chunk_size=64) == 2 * (2 * 64 * 24 + 4 * 16 * 8)
-    assert f("chunked", chunk_size=64, vector_decay=True) == 2 * (2 * 64 * 24 + 4 * 16 * 8 + 2 * 16 * 16)
+    # vector decay: A V (2 C V), the recursive halving's score blocks + diagonal (C (C + 1) K / C), states
+    assert f("chunked", chunk_size=64, vector_decay=True) == 2 * (2 * 64 * 8 + 65 * 16 + 4 * 16 * 8)
+    # a chunk of 48 is padded to 64 inside: 64 * 65 * K / 48 per token
+    assert f("chunked", chunk_size=48, vector_decay=True) == pytest.approx(
+        2 * (2 * 48 * 8 + 64 * 65 * 16 / 48 + 4 * 16 * 8) * (math.ceil(128 / 48) * 48 / 128))
     assert f("chunked", chunk_size=256) == f("chunked", chunk_size=128)  # C is capped at T
     # T = 100, C = 64: two chunks (128 padded tokens) executed for 100 tokens
     g = flops_gated_linear_attention(100, 1, 16, 8, form="chunked", chunk_size=64)

@@ -22,13 +22,13 @@ Forms (all equal up to float rounding; tests check outputs, final states and gra
 
   Only differences ``b_i - b_j`` with ``i >= j`` are exponentiated (all ``<= 0``), never
   ``exp(+b)``, so a per-step log decay of -5 or a total of -1e4 stays finite. For a per-key-dim
-  (vector) decay the intra-chunk scores cannot be one matmul without ``exp(+b)``; we use the
-  secondary chunking of Yang et al. 2023 sec. 4.2: sub-chunks of ``c = gcd(C, 16)`` tokens, the
-  off-diagonal sub-chunk blocks as matmuls of ``q_i exp(b_i - r_p)`` and ``k_j exp(r_p - b_j)``
-  with ``r_p`` the cumulative decay just before query sub-chunk ``p`` (both exponents ``<= 0``),
-  and the diagonal ``c x c`` blocks pairwise over the key dimension. Memory: per chunk this
-  materialises ``[C/c, C, K]`` decayed keys and ``[C/c, c, c, K]`` pairwise decays, i.e.
-  ``C/c + c`` times the size of ``k`` (20x at ``C = 64``; scalar or no decay: ``[C, C]`` per head).
+  (vector) decay the intra-chunk scores cannot be one matmul without ``exp(+b)``; we take the
+  secondary chunking of Yang et al. 2023 sec. 4.2 down to single tokens: the chunk is halved
+  recursively, and at every level the block of the second half's queries against the first half's
+  keys is one matmul of ``q_i exp(b_i - m)`` and ``k_j exp(m - b_j)``, ``m`` the cumulative decay
+  at the end of the first half (both exponents ``<= 0``); a token's own score is ``q_i . k_i``.
+  ``log2 C`` levels, each materialising two half-size copies of ``q`` / ``k`` (no ``[c, c, K]``
+  pairwise tensor; scalar or no decay: ``[C, C]`` per head).
 * ``quadratic``: the masked ``T x T`` form ``o = ((Q K^T) * D) V`` with ``D_ij = exp(b_i - b_j)``,
   ``b`` the cumsum of ``g`` over the sequence (vector decay: per key dimension, a ``[T, T, K]``
   tensor). ``O(T^2)`` memory: a test reference and short-sequence form.
@@ -53,7 +53,7 @@ from efficient_arch.ops import dots
 from efficient_arch.ops import scan as _scan
 
 FORMS = ("chunked", "recurrent", "quadratic")
-SUB_CHUNK = 16  # secondary chunk length (vector decay, chunked form) is gcd(chunk_size, SUB_CHUNK)
+SUB_CHUNK = 16  # vector decay, chunked form: halving levels with halves >= this many tokens use the compute dtype
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -195,8 +195,10 @@ def flops_gated_linear_attention(seq_len: int, n_heads: int, k_dim: int, v_dim: 
       (``K V``, if any) and the read-out ``q S`` (``2 K V``).
     * ``chunked``: ``H * p * [2 C_eff (K + V) + 4 K V]``: the full ``C x C`` score block
       (``Q K^T``, masked entries included) and ``A V``; ``q S_prev`` and the chunk's state
-      contribution ``K~^T V``. Vector decay adds the pairwise diagonal sub-chunk scores,
-      ``2 c K`` with ``c = gcd(C_eff, 16)`` (elementwise multiply-add).
+      contribution ``K~^T V``. Vector decay replaces the ``2 C_eff K`` of the score block by what
+      the recursive halving executes: with ``C_p`` = ``C_eff`` rounded up to a power of two, the
+      blocks of every level (``C_p K (C_p - 1)`` per chunk) and the diagonal ``q_i . k_i``
+      (``2 C_p K``), i.e. ``C_p (C_p + 1) K / C_eff`` per token.
     * ``quadratic``: ``H * 2 T (K + V)`` (the full ``T x T`` square is executed; with a vector
       decay the ``T x T x K`` scores are elementwise and XLA counts ~3x this for them).
 
@@ -216,9 +218,11 @@ def flops_gated_linear_attention(seq_len: int, n_heads: int, k_dim: int, v_dim: 
     else:
         c = min(chunk_size, seq_len)
         pad = math.ceil(seq_len / c) * c / seq_len
-        per_head = 2.0 * c * (k_dim + v_dim) + 4.0 * k_dim * v_dim
         if vector_decay:
-            per_head += 2.0 * math.gcd(c, SUB_CHUNK) * k_dim
+            cp = 1 << (c - 1).bit_length()
+            per_head = 2.0 * c * v_dim + cp * (cp + 1) * k_dim / c + 4.0 * k_dim * v_dim
+        else:
+            per_head = 2.0 * c * (k_dim + v_dim) + 4.0 * k_dim * v_dim
         per_head *= pad
     return n_heads * per_head
 
@@ -334,31 +338,44 @@ def _chunked(q, k, v, g, cnt, s0, chunk, acc):
 
 def _vector_scores(q, k, b, same, dt, acc):
     """Intra-chunk scores ``A_ij = sum_d q_id k_jd exp(b_id - b_jd)`` (i >= j, same segment) for a
-    per-key-dim decay, by secondary chunking (Yang et al. 2023 sec. 4.2).
+    per-key-dim decay, by recursive halving of the chunk (secondary chunking, Yang et al. 2023
+    sec. 4.2, applied at every scale down to single tokens).
+
+    A block of ``s`` tokens is split into halves; the scores of the second half's queries against
+    the first half's keys are one matmul of ``q_i exp(b_i - m)`` and ``k_j exp(m - b_j)``, with
+    ``m`` the cumulative decay at the end of the first half (``b`` is non-increasing, so both
+    exponents are ``<= 0``: exact and finite for any decay); the halves recurse, and a single
+    token's score is ``q_i . k_i``. ``O(C K)`` exponentials per token at ``log2 C`` levels and no
+    ``[c, c, K]`` pairwise tensor. A chunk length that is not a power of two is padded inside the
+    chunk (zero ``q``/``k``, repeated ``b``).
 
     q, k: ``[B, N, C, H, K]``; b: chunk-local cumsum ``[B, N, C, H, K]``; same: ``[B, N, C, C]``.
-    Returns ``[B, N, H, C, C]`` in ``acc``.
+    Operands of the levels with halves of ``>= SUB_CHUNK`` tokens are cast to ``dt`` (e.g.
+    bfloat16), the finer levels stay in ``acc``. Returns ``[B, N, H, C, C]`` in ``acc``.
     """
     bsz, n, c, h, kd = q.shape
-    sc = math.gcd(c, SUB_CHUNK)
-    p = c // sc
-    sub = lambda x: x.reshape((bsz, n, p, sc) + x.shape[3:])
-    qs, ks, bs = sub(q), sub(k), sub(b)  # [B, N, P, c, H, K]
-    # r_p: cumulative decay just before sub-chunk p (0 before the chunk); [B, N, P, H, K]
-    r = jnp.concatenate([jnp.zeros_like(bs[:, :, :1, -1]), bs[:, :, :-1, -1]], axis=2)
-    q_t = qs.astype(acc) * jnp.exp(bs - r[:, :, :, None])  # exponent <= 0
-    # k~^(p)_j = k_j exp(r_p - b_j) for j before sub-chunk p (exponent <= 0), else 0
-    before = (jnp.arange(c)[None, :] < (jnp.arange(p) * sc)[:, None])  # [P, Cj]
-    before = before[None, None, :, :, None, None]
-    k_t = _masked_exp(r[:, :, :, None] - b[:, :, None], before) * k.astype(acc)[:, :, None]  # [B,N,P,Cj,H,K]
-    off = _mm("bnpihk,bnpjhk->bnhpij", q_t, k_t, dt, acc)  # [B, N, H, P, c, Cj]
-    # diagonal sub-chunk blocks: pairwise over the key dimension
-    tri = (jnp.arange(sc)[:, None] >= jnp.arange(sc)[None, :])[None, None, None, :, :, None, None]
-    e = _masked_exp(bs[:, :, :, :, None] - bs[:, :, :, None, :], tri)  # [B, N, P, ci, cj, H, K]
-    diag = jnp.einsum("bnpihk,bnpjhk,bnpijhk->bnhpij", qs.astype(acc), ks.astype(acc), e)
-    eye = jnp.eye(p, dtype=bool)[:, None, :, None]  # [P, 1, P, 1]: block-diagonal placement
-    diag_full = jnp.where(eye, diag[:, :, :, :, :, None, :], 0.0).reshape(bsz, n, h, p, sc, c)
-    a = (off + diag_full).reshape(bsz, n, h, c, c)
+    cp = 1 << (c - 1).bit_length()  # chunk length padded to a power of two
+    to_heads = lambda x: jnp.moveaxis(x, 3, 2)  # [B, N, H, C, K]
+    q, k, b = to_heads(q.astype(acc)), to_heads(k.astype(acc)), to_heads(b)
+    if cp != c:
+        pc = [(0, 0)] * 3 + [(0, cp - c), (0, 0)]
+        q, k, b = jnp.pad(q, pc), jnp.pad(k, pc), jnp.pad(b, pc, mode="edge")
+    a = jnp.sum(q * k, axis=-1)[..., None, None]  # [B, N, H, Cp, 1, 1]: the diagonal
+    s = 2
+    while s <= cp:
+        hs = s // 2
+        blocks = lambda x: x.reshape(x.shape[:3] + (cp // s, 2, hs, x.shape[-1]))
+        qb, kb, bb = blocks(q), blocks(k), blocks(b)  # [B, N, H, G, 2, hs, K]
+        m = bb[..., 0, hs - 1:, :]  # [B, N, H, G, 1, K]: end of the first half
+        q_hat = qb[..., 1, :, :] * jnp.exp(bb[..., 1, :, :] - m)
+        k_hat = kb[..., 0, :, :] * jnp.exp(m - bb[..., 0, :, :])
+        low = _mm("bnhgik,bnhgjk->bnhgij", q_hat, k_hat, dt if hs >= SUB_CHUNK else acc, acc)
+        halves = a.reshape(a.shape[:3] + (cp // s, 2, hs, hs))  # the two halves' own blocks
+        top = jnp.concatenate([halves[..., 0, :, :], jnp.zeros_like(low)], axis=-1)
+        bottom = jnp.concatenate([low, halves[..., 1, :, :]], axis=-1)
+        a = jnp.concatenate([top, bottom], axis=-2)  # [B, N, H, G, s, s]
+        s *= 2
+    a = a.reshape(bsz, n, h, cp, cp)[..., :c, :c]
     return a * same[:, :, None]
 
 
