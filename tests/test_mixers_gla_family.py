@@ -126,9 +126,9 @@ FLOP_CASES = [("la_elu", 128, 4), ("la_taylor", 128, 4), ("retnet", 128, 4), ("g
 def test_flops_per_token_vs_xla(variant, d, h):
     """Forward of one mixer lowered at B = 2, T = 128, chunk 64 (two chunks): XLA flops /
     (flops_per_token * B * T), measured: la_elu 1.012, la_taylor 1.019, retnet 1.017 (chunked;
-    quadratic 1.011 / 1.012 / 1.018); gla 1.042 at d_model 256 (7.8% at d_model 128, 2.3% at 512:
-    the vector decay's pairwise diagonal sub-chunk blocks and masked exponentials are elementwise,
-    O(K) per token and head, and not in the matmul count). The recurrent form is a lax.scan over
+    quadratic 1.011 / 1.012 / 1.018); gla 1.015 at d_model 256 (1.028 at d_model 128, 1.008 at 512:
+    the vector decay's exponentials and decay scaling of the recursive halving are elementwise,
+    O(K log C) per token and head, and not in the matmul count). The recurrent form is a lax.scan over
     time whose body XLA counts once, so it is audited per token on ``decode`` (the same step):
     measured 1.009 - 1.016.
     """

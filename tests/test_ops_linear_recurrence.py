@@ -77,15 +77,39 @@ def test_forms_agree_outputs_states_gradients_float64(decay):
 
 def test_vector_decay_secondary_chunking_float64():
     """C = 32 and 64: 5 and 6 halving levels (score blocks as matmuls); C = 24 and 48 are padded to
-    32 / 64 inside the chunk; T = 70 pads the sequence."""
+    32 / 64 inside the chunk; T = 70 pads the sequence. Outputs, final states and the gradients wrt
+    q, k, v, log_decay and the initial state equal the recurrent oracle, with segment resets inside
+    and across chunks (float64, rel tol 1e-10)."""
     with jax.enable_x64(True):
         q, k, v, g = inputs(2, t=70, decay="vector", strength=2.0)
-        s0 = np.random.default_rng(3).standard_normal((B, H, K, V))
-        ref_o, ref_s = run(q, k, v, g, "recurrent", initial_state=jnp.asarray(s0))
+        rng = np.random.default_rng(3)
+        s0 = rng.standard_normal((B, H, K, V))
+        seg = np.zeros((B, 70), np.int32)
+        seg[0, 9:40] = 1  # resets at 9 (inside the first chunk) and 40
+        seg[0, 40:] = 2
+        seg[1, 64:] = 1  # a reset on a chunk boundary for C = 32 and 64
+        seg = jnp.asarray(seg)
+        ro, rs = rng.standard_normal((B, 70, H, V)), rng.standard_normal((B, H, K, V))
+        args = [jnp.asarray(x) for x in (q, k, v, g, s0)]
+
+        def loss(form, c):
+            def f(q_, k_, v_, g_, s0_):
+                o, s = gated_linear_attention(q_, k_, v_, g_, segment_ids=seg, initial_state=s0_, form=form,
+                                              chunk_size=c)
+                return jnp.sum(o * ro) + jnp.sum(s * rs)
+            return jax.jit(jax.value_and_grad(f, argnums=tuple(range(5))))
+
+        ref_o, ref_s = run(q, k, v, g, "recurrent", initial_state=args[4], segment_ids=seg)
+        ref_val, ref_grads = loss("recurrent", 1)(*args)
         for c in (24, 32, 48, 64):
-            o, s = run(q, k, v, g, "chunked", chunk_size=c, initial_state=jnp.asarray(s0))
+            o, s = run(q, k, v, g, "chunked", chunk_size=c, initial_state=args[4], segment_ids=seg)
             assert_close(o, ref_o, 1e-10, f"C={c} output")
             assert_close(s, ref_s, 1e-10, f"C={c} state")
+            val, grads = loss("chunked", c)(*args)
+            assert_close(val, ref_val, 1e-10, f"C={c} loss")
+            for name, gr, rg in zip(("q", "k", "v", "log_decay", "initial_state"), grads, ref_grads):
+                assert np.abs(np.asarray(rg)).max() > 1e-3
+                assert_close(gr, rg, 1e-9, f"C={c} grad {name}")
 
 
 @pytest.mark.parametrize("decay", ["none", "vector"])

@@ -27,8 +27,9 @@ Forms (all equal up to float rounding; tests check outputs, final states and gra
   recursively, and at every level the block of the second half's queries against the first half's
   keys is one matmul of ``q_i exp(b_i - m)`` and ``k_j exp(m - b_j)``, ``m`` the cumulative decay
   at the end of the first half (both exponents ``<= 0``); a token's own score is ``q_i . k_i``.
-  ``log2 C`` levels, each materialising two half-size copies of ``q`` / ``k`` (no ``[c, c, K]``
-  pairwise tensor; scalar or no decay: ``[C, C]`` per head).
+  ``ceil(log2 C)`` levels (a chunk length that is not a power of two is padded inside the chunk),
+  each materialising two half-size copies of ``q`` / ``k`` (no ``[c, c, K]`` pairwise tensor;
+  scalar or no decay: ``[C, C]`` per head).
 * ``quadratic``: the masked ``T x T`` form ``o = ((Q K^T) * D) V`` with ``D_ij = exp(b_i - b_j)``,
   ``b`` the cumsum of ``g`` over the sequence (vector decay: per key dimension, a ``[T, T, K]``
   tensor). ``O(T^2)`` memory: a test reference and short-sequence form.
@@ -39,7 +40,8 @@ segments and drop the carried state across a reset (no ``-inf`` arithmetic).
 
 Precision: log decays are cast to float32 (float64 for float64 inputs) before any cumsum; the state
 and all matmul accumulations are float32 (``preferred_element_type``) whatever the input dtype;
-matmul *operands* are in the compute dtype (``q.dtype``), e.g. bfloat16. Output in ``q.dtype``.
+matmul *operands* are in the compute dtype (``q.dtype``), e.g. bfloat16, except the vector-decay
+score levels with halves under ``SUB_CHUNK`` tokens, which stay in float32. Output in ``q.dtype``.
 """
 
 from __future__ import annotations
@@ -203,8 +205,9 @@ def flops_gated_linear_attention(seq_len: int, n_heads: int, k_dim: int, v_dim: 
       decay the ``T x T x K`` scores are elementwise and XLA counts ~3x this for them).
 
     Not counted in the chunked / quadratic forms: decay exponentials, masks, cumsums and the
-    elementwise decay scaling (``O(K)`` or ``O(C)`` per token and head; XLA counts them: at
-    ``K = V = 32, C = 64`` about ``+3%`` of the core for scalar decay and ``+28%`` for vector decay).
+    elementwise decay scaling (``O(C)`` per token and head for a scalar decay, ``O(K log C)`` for a
+    vector decay; XLA counts them: at ``K = V = 32, C = 64`` about ``+3%`` of the core for scalar
+    decay and ``+13%`` for vector decay).
 
     Raises:
       ValueError: unknown form.
@@ -344,9 +347,10 @@ def _vector_scores(q, k, b, same, dt, acc):
     A block of ``s`` tokens is split into halves; the scores of the second half's queries against
     the first half's keys are one matmul of ``q_i exp(b_i - m)`` and ``k_j exp(m - b_j)``, with
     ``m`` the cumulative decay at the end of the first half (``b`` is non-increasing, so both
-    exponents are ``<= 0``: exact and finite for any decay); the halves recurse, and a single
-    token's score is ``q_i . k_i``. ``O(C K)`` exponentials per token at ``log2 C`` levels and no
-    ``[c, c, K]`` pairwise tensor. A chunk length that is not a power of two is padded inside the
+    exponents are ``<= 0``: exact and finite for any log decay ``<= 0``); the halves recurse, and a
+    single token's score is ``q_i . k_i``. ``K`` exponentials per token and level (``K log2 C_p``
+    in all, ``C_p`` the chunk length padded to a power of two) and no ``[c, c, K]`` pairwise
+    tensor. A chunk length that is not a power of two is padded inside the
     chunk (zero ``q``/``k``, repeated ``b``).
 
     q, k: ``[B, N, C, H, K]``; b: chunk-local cumsum ``[B, N, C, H, K]``; same: ``[B, N, C, C]``.

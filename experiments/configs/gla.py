@@ -4,11 +4,11 @@
 
 d_model, n_layers, n_heads (head_dim = d_model / n_heads), seq_len, batch, steps and lr are those
 of ``transformer.py`` (its ``SIZES``). Data-dependent per-key-dim decay (low-rank 16, temperature
-16), chunked form with chunk 16 / 32 / 64 (tiny / small / base; secondary sub-chunks of 16). A GLA
-layer has q, k, v, gate and output projections plus the low-rank decay (~5 d^2 parameters
-against the GQA attention layer's 2.7-3 d^2), so ``d_ff`` is reduced to keep the parameter count
-within 4% of the transformer of the same size (measured with ``count_params``: tiny 0.967,
-small 1.001, base 1.000).
+16), chunked form with chunk 16 / 32 / 64 (tiny / small / base; intra-chunk scores by recursive
+halving of the chunk). A GLA layer has q, k, v, gate and output projections plus the low-rank decay
+(~5 d^2 parameters against the GQA attention layer's 2.7-3 d^2), so ``d_ff`` is reduced to keep the
+parameter count within 4% of the transformer of the same size (measured with ``count_params``: tiny
+0.967, small 1.001, base 1.000).
 """
 
 import pathlib
