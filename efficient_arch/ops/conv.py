@@ -57,13 +57,17 @@ def causal_conv1d(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None
     t = x.shape[1]
     xf = x.astype(jnp.float32)
     wf = weight.astype(jnp.float32)
+    # One zero pad in front and W - 1 shifted slices of it: XLA fuses the slices into the
+    # multiply-add (a pad per tap was materialised per tap; Mamba-2 layer fwd+bwd 1.07x).
+    xp = jnp.pad(xf, ((0, 0), (w_len - 1, 0), (0, 0)))
+    back = lambda a, s: jax.lax.slice_in_dim(a, w_len - 1 - s, w_len - 1 - s + t, axis=1)  # a[t - s]
+    if segment_ids is not None:
+        seg_p = jnp.pad(segment_ids, ((0, 0), (w_len - 1, 0)))
     y = xf * wf[w_len - 1]
-    for s in range(1, min(w_len, t)):  # taps reaching before t = 0 see zero padding only
-        shifted = jnp.pad(xf[:, : t - s], ((0, 0), (s, 0), (0, 0)))
+    for s in range(1, w_len):  # taps reaching before t = 0 read the zero padding
+        shifted = back(xp, s)
         if segment_ids is not None:
-            same = segment_ids[:, s:] == segment_ids[:, : t - s]
-            same = jnp.pad(same, ((0, 0), (s, 0)))
-            shifted = jnp.where(same[..., None], shifted, 0.0)
+            shifted = jnp.where((back(seg_p, s) == segment_ids)[..., None], shifted, 0.0)
         y = y + shifted * wf[w_len - 1 - s]
     if bias is not None:
         y = y + bias.astype(jnp.float32)
