@@ -350,8 +350,8 @@ def _vector_scores(q, k, b, same, dt, acc):
     exponents are ``<= 0``: exact and finite for any log decay ``<= 0``); the halves recurse, and a
     single token's score is ``q_i . k_i``. ``K`` exponentials per token and level (``K log2 C_p``
     in all, ``C_p`` the chunk length padded to a power of two) and no ``[c, c, K]`` pairwise
-    tensor. A chunk length that is not a power of two is padded inside the
-    chunk (zero ``q``/``k``, repeated ``b``).
+    tensor. A chunk length that is not a power of two is padded inside the chunk (zero ``q`` /
+    ``k``, repeated ``b``).
 
     q, k: ``[B, N, C, H, K]``; b: chunk-local cumsum ``[B, N, C, H, K]``; same: ``[B, N, C, C]``.
     Operands of the levels with halves of ``>= SUB_CHUNK`` tokens are cast to ``dt`` (e.g.
