@@ -313,6 +313,10 @@ def _chunked(q, k, v, g, cnt, s0, chunk, acc):
         a_tot = jnp.ones((bsz, n, h, 1), acc)
     else:
         b = _cumsum(ch(g), axis=2)  # [B, N, C, H, 1|K], chunk-local, <= 0
+        if pad:  # padded steps (g = 0) repeat the last real b exactly: the prefix sum's rounding
+            # differs by position, and b_last would carry that ulp into every exp(b_last - b_j)
+            r = c - pad
+            b = b.at[:, -1:, r:].set(jnp.broadcast_to(b[:, -1:, r - 1:r], b[:, -1:, r:].shape))
         b_last = b[:, :, -1:]  # [B, N, 1, H, 1|K]
         qd = _masked_exp(b, from_prev) * q.astype(acc)
         kd = _masked_exp(b_last - b, to_last) * k.astype(acc)
