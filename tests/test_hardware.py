@@ -222,6 +222,15 @@ def test_implausible_measurement_is_not_cached(tmp_path, monkeypatch):
     assert not (tmp_path / "cpu_peak.json").exists()
 
 
+def test_cpu_calibration_of_a_gpu_only_dtype_names_the_fix(tmp_path):
+    """TF32 / FP8 / float16 have no CPU matmul unit to time: the error says which dtypes work and
+    how to give a peak instead, and nothing is cached."""
+    for dtype in ("tf32", "fp8", "float16"):
+        with pytest.raises(ValueError, match=r"use dtype 'float32' or 'bfloat16'.*--config\.flops\.peak_flops"):
+            hw.calibrate_cpu_peak(dtype, cache_dir=tmp_path)
+    assert not (tmp_path / "cpu_peak.json").exists()
+
+
 def test_calibration_times_a_device_of_this_process(monkeypatch):
     """jax.devices("cpu")[0] is process 0's device in a multi-process run (remote elsewhere):
     the calibration matmul must run on jax.local_devices(backend="cpu")[0]."""

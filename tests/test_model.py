@@ -484,6 +484,9 @@ def test_float32_projection_as_2d_matmul_matches_einsum(spec, xs, ws):
     assert layers._projection_2d("bd,ddk->bdk", (2, 4), (4, 4, 3)) is None
     assert layers._projection_2d("bcd,cdk->bk", (2, 4, 6), (6, 4, 3)) is None
     assert layers._projection_2d("btd,dk->btk", (2, 5, 8), (1, 3)) is None
+    for bad in ("btd,dk", "btd,dk,kn->btn", "btd->bt", "btd,dk->btk->b"):  # implicit or not two operands
+        with pytest.raises(ValueError, match="explicit two-operand einsum"):
+            layers.matmul(bad, jnp.ones(xs, jnp.float32), jnp.ones(ws, jnp.float32), jnp.float32)
     for other in ("bnihk,bnjhk->bnhij", "bnhij,bnjhv->bnihv", "md,df->mf"):
         assert layers._projection_2d(other, (2, 3, 4, 5, 6) if other[0] == "b" else (4, 8),
                                      (2, 3, 4, 5, 6) if other[0] == "b" else (8, 3)) is None

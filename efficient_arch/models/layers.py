@@ -261,6 +261,8 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None, *, quan
         takes :func:`current_precision`'s. Products of two activations (attention) pass "none".
     Returns:
       ``einsum(spec, x, w)`` in ``out_dtype``.
+    Raises:
+      ValueError: ``spec`` is not an explicit two-operand spec ``"x,w->out"``.
 
     16-bit compute: the forward dot *and both backward dots* (d input, d weight) take 16-bit
     inputs with float32 accumulation (a custom VJP casts the incoming cotangent to ``dtype``);
@@ -270,6 +272,9 @@ def matmul(spec: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None, *, quan
     except that a projection (x's trailing axes contracted with w's leading axes) runs as one 2-D
     matmul between reshapes (:func:`_projection_2d`).
     """
+    if not isinstance(spec, str) or spec.count("->") != 1 or spec.split("->")[0].count(",") != 1:
+        raise ValueError(f"matmul spec must be an explicit two-operand einsum 'x,w->out' (e.g. "
+                         f"'btd,dk->btk'), got {spec!r}")
     out_dtype = dtype if out_dtype is None else out_dtype
     if (quant or current_precision().quant) == "fp8":
         return fp8_einsum(spec, x, w, out_dtype)
