@@ -563,7 +563,7 @@ def measure_cpu_matmul_peak(dtype: str = "float32", budget_s: float = 1.5) -> di
     dtype = canonical_dtype(dtype)
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"CPU calibration supports float32 and bfloat16, got {dtype!r}: a CPU has no "
-                         f"{key_dtype} matmul unit to calibrate; use dtype 'float32' or 'bfloat16' (the "
+                         f"{dtype} matmul unit to calibrate; use dtype 'float32' or 'bfloat16' (the "
                          f"model's compute dtype), or {_FIX}")
     return _measure(dtype, budget_s)
 
