@@ -547,6 +547,20 @@ def _measure(dtype: str, budget_s: float = 1.5) -> dict[str, Any]:
     }
 
 
+def _cpu_calibration_dtype(dtype: Any) -> str:
+    """``canonical_dtype(dtype)`` if a CPU matmul of it can be calibrated ("float32", "bfloat16").
+
+    Raises:
+      ValueError: any other dtype, naming the ones that work and the peak override.
+    """
+    key = canonical_dtype(dtype)
+    if key not in ("float32", "bfloat16"):
+        raise ValueError(f"CPU calibration supports float32 and bfloat16, got {dtype!r}: a CPU has no "
+                         f"{key} matmul unit to calibrate; use dtype 'float32' or 'bfloat16' (the "
+                         f"model's compute dtype), or {_FIX}")
+    return key
+
+
 def measure_cpu_matmul_peak(dtype: str = "float32", budget_s: float = 1.5) -> dict[str, Any]:
     """Measure the CPU matmul peak in *this* process, without the cache (benchmarks that compare
     a step with the same-process peak).
@@ -560,11 +574,7 @@ def measure_cpu_matmul_peak(dtype: str = "float32", budget_s: float = 1.5) -> di
     Raises:
       ValueError: dtype other than float32 / bfloat16.
     """
-    dtype = canonical_dtype(dtype)
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"CPU calibration supports float32 and bfloat16, got {dtype!r}: a CPU has no "
-                         f"{dtype} matmul unit to calibrate; use dtype 'float32' or 'bfloat16' (the "
-                         f"model's compute dtype), or {_FIX}")
+    dtype = _cpu_calibration_dtype(dtype)
     return _measure(dtype, budget_s)
 
 
@@ -639,11 +649,7 @@ def calibrate_cpu_peak(
     Raises:
       ValueError: dtype other than float32 / bfloat16.
     """
-    key_dtype = canonical_dtype(dtype)
-    if key_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"CPU calibration supports float32 and bfloat16, got {dtype!r}: a CPU has no "
-                         f"{key_dtype} matmul unit to calibrate; use dtype 'float32' or 'bfloat16' (the "
-                         f"model's compute dtype), or {_FIX}")
+    key_dtype = _cpu_calibration_dtype(dtype)
     cache_root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "efficient_arch"
     path = cache_root / _CACHE_FILE
     fp = _fingerprint(key_dtype)
