@@ -153,9 +153,7 @@ def unit_lower_inverse(a):
         pairs = inv.reshape(batch + (m, 2, n, n))
         t11, t22 = pairs[..., 0, :, :], pairs[..., 1, :, :]
         t21 = -jnp.einsum("...ij,...jk,...kl->...il", t22, l21, t11)
-        top = jnp.concatenate([t11, jnp.zeros_like(t11)], axis=-1)
-        bottom = jnp.concatenate([t21, t22], axis=-1)
-        inv = jnp.concatenate([top, bottom], axis=-2)
+        inv = dots.join_block_pairs(inv, t21)
         n *= 2
     return inv.reshape(batch + (p, p))[..., :c, :c]
 

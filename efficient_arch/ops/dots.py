@@ -35,3 +35,14 @@ def dot_canonical(spec: str, a: jax.Array, b: jax.Array, dtype, acc) -> jax.Arra
                     [c for c in out if c in sb and c not in sa])
     y = jnp.einsum(f"{sa},{sb}->{canon}", a.astype(dtype), b.astype(dtype), preferred_element_type=acc)
     return y if canon == out else jnp.transpose(y, [canon.index(c) for c in out])
+
+
+def join_block_pairs(blocks: jax.Array, low: jax.Array) -> jax.Array:
+    """Lower-block-triangular doubling step: adjacent diagonal blocks ``b0, b1`` of ``blocks``
+    ``[..., 2G, n, n]`` and the lower-left blocks ``low`` ``[..., G, n, n]`` become
+    ``[[b0, 0], [low, b1]]`` ``[..., G, 2n, 2n]``. Shared by the block-doubling inverse of the delta
+    rule and the recursive halving of GLA's vector-decay scores."""
+    pairs = blocks.reshape(blocks.shape[:-3] + (blocks.shape[-3] // 2, 2) + blocks.shape[-2:])
+    top = jnp.concatenate([pairs[..., 0, :, :], jnp.zeros_like(low)], axis=-1)
+    bottom = jnp.concatenate([low, pairs[..., 1, :, :]], axis=-1)
+    return jnp.concatenate([top, bottom], axis=-2)

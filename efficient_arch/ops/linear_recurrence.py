@@ -378,10 +378,7 @@ def _vector_scores(q, k, b, same, dt, acc):
         q_hat = qb[..., 1, :, :] * jnp.exp(bb[..., 1, :, :] - m)
         k_hat = kb[..., 0, :, :] * jnp.exp(m - bb[..., 0, :, :])
         low = _mm("bnhgik,bnhgjk->bnhgij", q_hat, k_hat, dt if hs >= SUB_CHUNK else acc, acc)
-        halves = a.reshape(a.shape[:3] + (cp // s, 2, hs, hs))  # the two halves' own blocks
-        top = jnp.concatenate([halves[..., 0, :, :], jnp.zeros_like(low)], axis=-1)
-        bottom = jnp.concatenate([low, halves[..., 1, :, :]], axis=-1)
-        a = jnp.concatenate([top, bottom], axis=-2)  # [B, N, H, G, s, s]
+        a = dots.join_block_pairs(a, low)  # [B, N, H, G, s, s]
         s *= 2
     a = a.reshape(bsz, n, h, cp, cp)[..., :c, :c]
     return a * same[:, :, None]
