@@ -13,7 +13,7 @@ attention counts the mean number of visible keys, (T + 1) / 2, not the full squa
 work is not counted). MFU divides achieved model FLOP/s by the float32 matmul peak calibrated in
 this process before anything else runs (``hardware.calibrate_cpu_peak("float32", refresh=True)``,
 which keeps the best of this measurement and the machine's cached one, so MFU is conservative).
-The JSON also holds the *executed* FLOPs (``attention="full"``) and XLA's compiled cost analysis
+The JSON also holds the *executed* FLOPs (``attention="executed"``) and XLA's compiled cost analysis
 (FLOPs and bytes accessed; note XLA counts a loop body once, so these under-count the scans of the
 recurrent forms and the chunk loop of the chunked forms).
 
@@ -279,7 +279,7 @@ def run_combo(mixer, label, form, seq, batch, sizes, args, peak, hist) -> dict:
     cls = registry.get_mixer(mixer)
     tokens = batch * seq
     fwd_model = cls.flops_per_token(mcfg, seq, attention="causal")
-    fwd_exec = cls.flops_per_token(mcfg, seq, attention="full")
+    fwd_exec = cls.flops_per_token(mcfg, seq, attention="executed")
     row = {"mixer": mixer, "form": label, "mixer_form": form, "seq_len": seq, "batch": batch,
            "tokens": tokens, "model_flops_per_step": 3.0 * fwd_model * tokens,
            "executed_flops_per_step": 3.0 * fwd_exec * tokens,
@@ -678,7 +678,7 @@ def main(argv=None) -> int:
                      "call excluded; step_s = median of runs",
             "model_flops": "3 x flops_per_token(cfg, T, attention='causal') x tokens (causal model FLOPs: "
                            "softmax attention counts (T+1)/2 visible keys; elementwise work not counted)",
-            "executed_flops": "3 x flops_per_token(cfg, T, attention='full') x tokens (full masked square "
+            "executed_flops": "3 x flops_per_token(cfg, T, attention='executed') x tokens (scored query/key blocks "
                               "for softmax forms)",
             "mfu": "model_flops_per_s / peak_flops_per_s (float32 matmul peak calibrated in this process, "
                    "best-of with the cached calibration)",

@@ -7,8 +7,9 @@ Two independent sources that must agree:
   lookups cost 0; tied weights change nothing. Training = forward + backward = 3 x forward.
   *Model* FLOPs (MFU numerator) count no recomputation and the attention term by the configured
   convention (``causal``: mean visible keys (T+1)/2, the default; ``full``: T, PaLM App. B).
-  *Hardware* FLOPs (HFU) add remat recomputation and count attention as executed (full square:
-  the XLA form computes masked scores too).
+  *Hardware* FLOPs (HFU) add remat recomputation and count attention as executed
+  (``attention="executed"``: the XLA form scores whole query blocks against the keys up to each
+  block's end, masked entries included; ``ops.attention.key_ranges``).
 * **XLA** (:func:`xla_flops_per_step`): HLO cost analysis of lowerings of the train step (global,
   all devices). XLA counts a ``while``/``scan`` body once, so the audit costs small *unrolled*
   lowerings (1 and 2 layer groups, one microbatch, every ``ops.scan`` loop unrolled) and scales
@@ -27,7 +28,7 @@ def forward_flops_per_token(mcfg, seq_len: int | None = None, *, attention: str 
                             executed: bool = False, platform: str | None = None) -> dict[str, float]:
     """Analytic forward FLOPs per token by term for a finalized ``config.model``.
 
-    ``executed=True`` counts what the program runs (attention as the full square, MoE capacity
+    ``executed=True`` counts what the program runs (attention's scored query/key blocks, MoE capacity
     slots or dense ragged dots) instead of the model FLOPs; ``platform`` ("cpu" | "gpu" | "tpu",
     None = the running JAX backend) is where it would run (the MoE's ``ragged_dot`` is dense on
     CPU only).
@@ -37,7 +38,7 @@ def forward_flops_per_token(mcfg, seq_len: int | None = None, *, attention: str 
       in FLOPs per token (one multiply-add = 2 FLOPs).
     """
     seq_len = seq_len or mcfg.seq_len
-    att = "full" if executed else attention
+    att = "executed" if executed else attention
     mixers = ffn = 0.0
     for mixer, ffn_name in layer_kinds(mcfg):
         mixers += registry.get_mixer(mixer).flops_per_token(mcfg, seq_len, attention=att)
@@ -87,7 +88,7 @@ def remat_recompute_flops_per_token(mcfg, seq_len: int | None = None, *, platfor
         return fwd["mixers"] + fwd["ffn"] - tails
     out = 0.0
     for mixer, ffn in kinds:
-        out += (registry.get_mixer(mixer).flops_per_token(mcfg, seq_len, attention="full")
+        out += (registry.get_mixer(mixer).flops_per_token(mcfg, seq_len, attention="executed")
                 - _weight_matmul_flops_per_token(mcfg, mixer))
         out += getattr(registry.get_ffn(ffn), "batched_dot_flops_per_token",
                        lambda c, t, **kw: 0.0)(mcfg, seq_len, platform=platform)
@@ -102,7 +103,7 @@ def analytic_flops(cfg, *, platform: str | None = None) -> dict[str, float | str
 
     Returns:
       ``model_flops_per_step``: 3 x forward x tokens, attention by ``cfg.flops.attention``, MoE
-      by active experts only; ``hardware_flops_per_step``: as executed (attention full square,
+      by active experts only; ``hardware_flops_per_step``: as executed (attention's scored blocks,
       MoE capacity slots / dense ragged dots, see ``MoE.flops_per_token``) plus remat recompute
       (:func:`remat_recompute_flops_per_token`); ``model_flops_per_token_fwd``;
       ``attention_convention``; and ``model_flops_per_step_full`` (full-square convention) for

@@ -291,7 +291,7 @@ FLOP_SHAPE = dict(d_model=512, n_heads=8, n_kv_heads=8, seq_len=512, chunk_size=
                                        ("mamba2", "chunked"), ("based", "chunked"), ("based", "quadratic")])
 def test_flops_per_token_matches_xla(name, form):
     """Forward of one mixer, B=2, T=512, d=512 (matmuls dominate): XLA's HLO count over the
-    analytic executed count (``attention="full"``) lies in [1, 1.05]; the excess is elementwise
+    analytic executed count (``attention="executed"``) lies in [1, 1.05]; the excess is elementwise
     work (softmax, gates, norms, decays) that the analytic count leaves out."""
     cfg = finalize(make_tiny_config(**{f"model__{k}": v for k, v in
                                        {"mixer": name, **FLOP_SHAPE, "mixer_form": form}.items()})).model
@@ -301,19 +301,22 @@ def test_flops_per_token_matches_xla(name, form):
     b, t = 2, cfg.seq_len
     fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
     xla = fwd.lower(state, jax.ShapeDtypeStruct((b, t, cfg.d_model), jnp.float32)).cost_analysis()["flops"]
-    ana = cls.flops_per_token(cfg, t, attention="full") * b * t
+    ana = cls.flops_per_token(cfg, t, attention="executed") * b * t
     assert 1.0 <= xla / ana <= 1.05, (name, form, xla / ana)
     model = cls.flops_per_token(cfg, t, attention="causal")
     if name == "sliding_window":
         # model count: mean visible keys ~ W (63.9 of 64 at T=512); blocked form executes 2W keys
-        # per query, the XLA form T; both above the model count
+        # per query; the XLA form 4 blocks of 128 queries: the first sees keys 0..127, the others
+        # the 191 keys from 63 before the block to its end; both above the model count
         proj = 2 * 512 * 3 * 512 + 2 * 512 * 512
         t_eff = (model - proj) / (4 * 512)
         assert abs(t_eff - (64 * 65 / 2 + (512 - 64) * 64) / 512) < 1e-9
-        executed = cls.flops_per_token(cfg, t, attention="full")
-        assert executed == proj + 4 * 512 * (128 if form == "chunked" else 512)
+        executed = cls.flops_per_token(cfg, t, attention="executed")
+        assert executed == proj + 4 * 512 * (128 if form == "chunked" else 128 * (128 + 3 * 191) / 512)
+        assert cls.flops_per_token(cfg, t, attention="full") == proj + 4 * 512 * (128 if form == "chunked" else 512)
     else:
-        assert model == cls.flops_per_token(cfg, t, attention="full")  # no attention convention
+        for conv in ("full", "executed"):  # no attention convention
+            assert model == cls.flops_per_token(cfg, t, attention=conv)
     with pytest.raises(ValueError, match="convention"):
         cls.flops_per_token(cfg, t, attention="sparse")
 
@@ -321,7 +324,7 @@ def test_flops_per_token_matches_xla(name, form):
 def test_sliding_window_flops_reduce_to_attention_when_window_covers_sequence():
     cfg = mixer_cfg("sliding_window", window_size=64, seq_len=48, mixer_form="chunked")
     cls = registry.get_mixer("sliding_window")
-    for conv in ("causal", "full"):
+    for conv in ("causal", "full", "executed"):
         assert cls.flops_per_token(cfg, 48, attention=conv) == Attention.flops_per_token(cfg, 48, attention=conv)
 
 

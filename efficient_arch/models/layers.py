@@ -395,8 +395,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     scores and probabilities, and whose products take ``dtype`` inputs with float32
     accumulation (never FP8): jax's form would hand the probabilities-times-values product and
     three of the four backward products to XLA:CPU as float32 dots in 16-bit compute.
-    FLOPs: ``4 T S n_heads head_dim`` (masked entries included; cuDNN skips the causal upper
-    triangle, the count does not change).
+    The XLA form runs in blocks of queries (:func:`efficient_arch.ops.attention.blocked_attention`),
+    each over only the keys its causal / window mask can reach.
+    FLOPs: ``4 n_heads head_dim`` per scored (query, key) pair: ``executed_pairs(key_ranges(...))``
+    of :mod:`efficient_arch.ops.attention` (masked entries inside a block included; ``T S`` when the
+    sequence is one block; cuDNN skips the upper triangle at its own tile size, the count does not
+    change).
     """
     dtype = q.dtype if dtype is None else jnp.dtype(dtype)
     requested = implementation or current_precision().attention
@@ -420,7 +424,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
                 _CUDNN_FALLBACKS.add(reason)
                 _log.warning("cuDNN fused attention unavailable for q %s k %s %s (%s); using the XLA form",
                              q.shape, k.shape, jnp.dtype(dtype).name, reason)
-    from efficient_arch.ops.attention import attention_core
+    from efficient_arch.ops import attention as attention_ops
 
     i, j = jnp.arange(t)[:, None], jnp.arange(s)[None, :]
     allowed = jnp.ones((t, s), bool)
@@ -433,7 +437,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     if mask is not None:
         m = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], kv, n // kv, *mask.shape[2:])
         allowed = allowed & m
-    o = attention_core(q.reshape(b, t, kv, n // kv, hd), k, v, allowed, 1.0 / math.sqrt(hd), dtype)
+    ranges = attention_ops.key_ranges(t, s, is_causal=is_causal, local_window_size=local_window_size)
+    o = attention_ops.blocked_attention(q.reshape(b, t, kv, n // kv, hd), k, v, allowed, 1.0 / math.sqrt(hd),
+                                        dtype, ranges)
     return o.reshape(b, t, n, hd)
 
 

@@ -19,6 +19,16 @@ Matmuls take ``dtype`` inputs and accumulate in float32 (``preferred_element_typ
 its gradient are float32. Saved for the backward: ``q, k, v, o, p`` and one bool per query row.
 FLOPs (XLA count): forward ``4 T S H`` per (batch, query head) plus the softmax; backward ``8 T S
 H`` (four products). Same as autodiff of the forward.
+
+Layout: the ``G`` query heads that share a KV head are folded into the query rows (``[B, K, G*T,
+H]``, the usual GQA trick), so scores and probabilities are 4-D ``[B, K, G*T, S]`` arrays. With a
+``G`` axis of its own (size 1 for multi-head attention), XLA:CPU laid the scores out key-major
+and the mask, softmax and ``ds`` passes each ran a ``T x S`` transpose: folded, the bench-size
+causal layer fwd+bwd runs 1.59x faster on one core (benchmarks/NOTES.md, session 6).
+
+:func:`blocked_attention` runs the core per block of queries over only the keys the block can see
+(causal: ``(n + 1) / (2 n)`` of the square for ``n`` blocks); :func:`key_ranges` gives the blocks
+and :func:`executed_pairs` their size, which the hardware FLOP count uses.
 """
 
 from __future__ import annotations
@@ -53,36 +63,150 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
     Returns:
       ``[B, T, K, G, H]`` in ``dtype``.
     """
-    return _forward(q, k, v, allowed, scale, dtype)[0]
+    return _primal(q, k, v, allowed, scale, dtype)
+
+
+def _fold(x):
+    """``[B, T, K, G, H]`` -> ``[B, K, G*T, H]``: each KV head's query rows, all groups stacked."""
+    b, t, kv, g, h = x.shape
+    return jnp.moveaxis(x, 1, 3).reshape(b, kv, g * t, h)
+
+
+def _unfold(x, g):
+    """Inverse of :func:`_fold`."""
+    b, kv, gt, h = x.shape
+    return jnp.moveaxis(x.reshape(b, kv, g, gt // g, h), 3, 1)
+
+
+def _fold_mask(allowed, g):
+    """``allowed`` (broadcastable to ``[B, K, G, T, S]``) -> ``[B|1, K|1, G*T, S]``."""
+    allowed = allowed.reshape((1,) * (5 - allowed.ndim) + allowed.shape)
+    b, kv, ga, t, s = allowed.shape
+    if ga != g:
+        allowed = jnp.broadcast_to(allowed, (b, kv, g, t, s))
+    return allowed.reshape(b, kv, g * t, s)
 
 
 def _forward(q, k, v, allowed, scale, dtype):
-    s = _dot("btkgh,bskh->bkgts", q, k, dtype) * scale
+    """Folded forward: ``q [B, K, G*T, H]``, ``allowed [.., G*T, S]`` -> ``(o [B, K, G*T, H], p)``."""
+    s = _dot("bkqh,bskh->bkqs", q, k, dtype) * scale
     p = jax.nn.softmax(jnp.where(allowed, s, _NEG), axis=-1).astype(dtype)
-    o = _dot("bkgts,bskh->btkgh", p, v, dtype).astype(dtype)
+    o = _dot("bkqs,bskh->bkqh", p, v, dtype).astype(dtype)
     return o, p
 
 
+def _primal(q, k, v, allowed, scale, dtype):
+    g = q.shape[3]
+    return _unfold(_forward(_fold(q), k, v, _fold_mask(allowed, g), scale, dtype)[0], g)
+
+
 def _fwd(q, k, v, allowed, scale, dtype):
-    o, p = _forward(q, k, v, allowed, scale, dtype)
+    g = q.shape[3]
+    qf, mask = _fold(q).astype(dtype), _fold_mask(allowed, g)
+    o, p = _forward(qf, k, v, mask, scale, dtype)
     # rows with nothing allowed: their (uniform) probabilities do not depend on q, k
-    row_ok = jnp.any(allowed, axis=-1, keepdims=True)
+    row_ok = jnp.any(mask, axis=-1, keepdims=True)
     # zero-size arrays carry the primal dtypes (residuals must be arrays)
-    return o, (q.astype(dtype), k.astype(dtype), v.astype(dtype), p, o, row_ok,
-               jnp.zeros((0,), q.dtype), jnp.zeros((0,), k.dtype), jnp.zeros((0,), v.dtype))
+    return _unfold(o, g), (q.astype(dtype), k.astype(dtype), v.astype(dtype), p, o, row_ok,
+                           jnp.zeros((0,), q.dtype), jnp.zeros((0,), k.dtype), jnp.zeros((0,), v.dtype))
 
 
 def _bwd(scale, dtype, res, do):
     q, k, v, p, o, row_ok, q0, k0, v0 = res
-    dp = _dot("btkgh,bskh->bkgts", do, v, dtype)
+    b, t, kv, g, _ = q.shape
+    dof = _fold(do)
+    dp = _dot("bkqh,bskh->bkqs", dof, v, dtype)
     pf = p.astype(dp.dtype)
     # rowsum(p * dp) = rowsum(do * o): a sum over the head dim, not over the S keys (FlashAttention's D)
-    d = jnp.sum(do.astype(dp.dtype) * o.astype(dp.dtype), axis=-1)  # [B, T, K, G]
-    ds = jnp.where(row_ok, pf * (dp - jnp.moveaxis(d, 1, -1)[..., None]), 0.0)
-    dq = _dot("bkgts,bskh->btkgh", ds, k, dtype) * scale
-    dk = _dot("bkgts,btkgh->bskh", ds, q, dtype) * scale
-    dv = _dot("bkgts,btkgh->bskh", p, do, dtype)
+    d = jnp.sum(dof.astype(dp.dtype) * o.astype(dp.dtype), axis=-1, keepdims=True)  # [B, K, G*T, 1]
+    ds = jnp.where(row_ok, pf * (dp - d), 0.0)
+    dq = _dot("bkqs,bskh->bkqh", ds, k, dtype) * scale
+    dq = _unfold(dq, g)
+    # dk, dv as [B, K, H, S], then -> [B, S, K, H]. Both operands of these products are query-major.
+    # float32: straight from the folded q, do. 16-bit: XLA:CPU runs a dot contracting a non-minor dim
+    # of both operands in float32, so q, do enter in their [B, T, K, G, H] layout (XLA copies them
+    # head-dim-major): all-bf16 products, 1.08x the folded form; in float32 the folded is 1.1x faster.
+    if jnp.dtype(dtype).itemsize >= 4:
+        dk = _dot("bkqh,bkqs->bkhs", _fold(q), ds, dtype)
+        dv = _dot("bkqh,bkqs->bkhs", dof, p, dtype)
+    else:
+        ds, p = ds.reshape(b, kv, g, t, -1), p.reshape(b, kv, g, t, -1)
+        dk = _dot("btkgh,bkgts->bkhs", q, ds, dtype)
+        dv = _dot("btkgh,bkgts->bkhs", do, p, dtype)
+    dk, dv = jnp.transpose(dk, (0, 3, 1, 2)) * scale, jnp.transpose(dv, (0, 3, 1, 2))
     return dq.astype(q0.dtype), dk.astype(k0.dtype), dv.astype(v0.dtype), None  # mask: no gradient
 
 
 attention_core.defvjp(_fwd, _bwd)
+
+
+QUERY_BLOCK = 128  # smallest query block of blocked_attention; 0 = never split (benchmarks/NOTES.md, session 6)
+QUERY_BLOCKS = 4  # blocks per sequence when T / 4 > QUERY_BLOCK
+
+
+def query_block(t: int) -> int:
+    """Query rows per block for ``t`` queries: ``max(QUERY_BLOCK, ceil(t / QUERY_BLOCKS))``
+    (0 if ``QUERY_BLOCK`` is 0). Measured on a 2-core CPU, causal fwd+bwd, vs the unsplit square:
+    T = 512 blocks of 128 2.0x, of 256 1.85x; T = 2048 blocks of 512 2.96x, of 256 2.64x, of
+    1024 2.44x (more blocks save more products but each adds slicing and gradient sums)."""
+    return 0 if QUERY_BLOCK <= 0 else max(QUERY_BLOCK, -(-t // QUERY_BLOCKS))
+
+
+def key_ranges(t: int, s: int, *, is_causal: bool, local_window_size: tuple[int, int] | None = None,
+               block: int | None = None) -> tuple[tuple[int, int, int, int], ...]:
+    """Static ``(q0, q1, k0, k1)`` per block of ``block`` queries: the keys ``k0 .. k1 - 1`` that
+    any query ``q0 .. q1 - 1`` may see under the causal / local-window mask (query ``i`` sees key
+    ``j`` iff ``j <= i`` when causal and ``i - left <= j <= i + right`` with a window).
+
+    ``block`` None takes :func:`query_block`. Without a causal or window bound (or ``block <=
+    0``), one range: the whole ``T x S`` square.
+    Raises:
+      ValueError: ``is_causal`` with ``t != s``.
+    """
+    block = query_block(t) if block is None else block
+    if is_causal and t != s:
+        raise ValueError(f"causal attention needs as many queries as keys; got T={t}, S={s}")
+    if block <= 0 or (not is_causal and local_window_size is None):
+        return ((0, t, 0, s),)
+    left, right = local_window_size if local_window_size is not None else (s, s)
+    if is_causal:
+        right = min(right, 0)
+    out = []
+    for q0 in range(0, t, block):
+        q1 = min(t, q0 + block)
+        k0, k1 = max(0, q0 - left), min(s, q1 + right)
+        out.append((q0, q1, k0, k1) if k1 > k0 else (q0, q1, 0, s))
+    return tuple(out)
+
+
+def executed_pairs(ranges) -> int:
+    """(query, key) pairs :func:`blocked_attention` scores for ``ranges`` (:func:`key_ranges`):
+    each score and value product runs ``2 H`` FLOPs per pair and (batch, query head)."""
+    return sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in ranges)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: float, dtype,
+                      ranges) -> jax.Array:
+    """:func:`attention_core` per query block over only the keys the block may see.
+
+    Same arguments and result as :func:`attention_core` plus ``ranges`` (:func:`key_ranges`),
+    which must cover every allowed key of each block (keys outside a block's range are treated
+    as masked). Causal attention in blocks of ``T / n`` queries scores ``(n + 1) / (2 n)`` of the
+    ``T x S`` square (62.5% for ``n = 4``); the products and softmax passes shrink alike. A query row
+    with nothing allowed averages ``v`` over all ``S`` keys, as :func:`attention_core` does.
+    """
+    b, t = q.shape[:2]
+    s = k.shape[1]
+    allowed = allowed.reshape((1,) * (5 - allowed.ndim) + allowed.shape)
+    if len(ranges) == 1 and ranges[0] == (0, t, 0, s):
+        return attention_core(q, k, v, allowed, scale, dtype)
+    outs = []
+    for q0, q1, k0, k1 in ranges:
+        a = allowed[..., q0:q1, :] if allowed.shape[-2] != 1 else allowed
+        a = a[..., k0:k1] if a.shape[-1] != 1 else a
+        outs.append(attention_core(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], a, scale, dtype))
+    o = jnp.concatenate(outs, axis=1)
+    # rows with nothing allowed: the mean of all S values (attention_core's uniform average)
+    empty = jnp.moveaxis(~jnp.any(allowed, axis=-1), -1, 1)[..., None]  # [B|1, T, K|1, G|1, 1]
+    mean_v = jnp.mean(v.astype(dots.acc_dtype(dtype)), axis=1)[:, None, :, None].astype(o.dtype)
+    return jnp.where(empty, mean_v, o)

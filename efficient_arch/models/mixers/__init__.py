@@ -15,7 +15,9 @@ The contract every mixer class follows (``cfg`` is the finalized ``config.model`
         @staticmethod
         def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float
             # forward FLOPs per token of the form that cfg.mixer_form executes (matmul FLOPs;
-            # see each file's docstring for the formula)
+            # see each file's docstring for the formula); attention: "causal" | "full" (MFU
+            # conventions for softmax attention's score term) | "executed" (what the program
+            # scores: hardware FLOPs); mixers without softmax attention ignore it
 
 Numerics live once in ``efficient_arch/ops/``; a mixer composes ops and layers, never re-derives a
 scan. Parameters are created with ``layers.param`` (logical axis names) and matmuls use

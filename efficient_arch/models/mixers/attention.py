@@ -16,6 +16,7 @@ from flax import nnx
 
 from efficient_arch import parallel
 from efficient_arch.models.layers import apply_rope, dot_product_attention, dtype_of, matmul, param, rope_angles
+from efficient_arch.ops.attention import executed_pairs, key_ranges
 
 
 def segment_mask(segment_ids: jax.Array | None) -> jax.Array | None:
@@ -123,9 +124,16 @@ class Attention(nnx.Module):
 
         Projections: ``2 d (n_heads + 2 n_kv_heads) head_dim + 2 n_heads head_dim d``.
         Scores ``QK^T`` and ``AV``: ``2 * 2 n_heads head_dim * T_eff`` with ``T_eff = T`` for the
-        full-square convention (PaLM App. B, Kaplan Table 1 style) and ``(T + 1) / 2`` — the mean
-        number of visible keys — for the causal convention (MaxText / Megatron style).
+        full-square convention (PaLM App. B, Kaplan Table 1 style), ``(T + 1) / 2`` — the mean
+        number of visible keys — for the causal convention (MaxText / Megatron style), and for
+        ``"executed"`` (hardware FLOPs) the keys the XLA form scores per query: whole blocks of
+        queries against the keys up to the block's end (``ops.attention.key_ranges``; ``5 T / 8 +
+        O(1)`` for four blocks; ``T`` when the sequence is one block). cuDNN's kernel, where it
+        runs, skips the upper triangle at its own tile size; the count stays the XLA form's.
         Softmax and RoPE elementwise work is not counted (model FLOPs are matmul FLOPs).
+
+        Raises:
+          ValueError: unknown ``attention`` convention.
         """
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         proj = 2.0 * d * (h + 2 * kv) * hd + 2.0 * h * hd * d
@@ -133,8 +141,10 @@ class Attention(nnx.Module):
             t_eff = (seq_len + 1) / 2.0
         elif attention == "full":
             t_eff = float(seq_len)
+        elif attention == "executed":
+            t_eff = executed_pairs(key_ranges(seq_len, seq_len, is_causal=True)) / seq_len
         else:
-            raise ValueError(f"attention convention {attention!r}: choose 'causal' or 'full'")
+            raise ValueError(f"attention convention {attention!r}: choose 'causal', 'full' or 'executed'")
         return proj + 4.0 * h * hd * t_eff
 
     @staticmethod

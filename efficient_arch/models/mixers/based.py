@@ -141,8 +141,8 @@ class Based(nnx.Module):
         Raises:
           ValueError: unknown ``attention`` convention or form.
         """
-        if attention not in ("causal", "full"):
-            raise ValueError(f"attention convention {attention!r}: choose 'causal' or 'full'")
+        if attention not in ("causal", "full", "executed"):
+            raise ValueError(f"attention convention {attention!r}: choose 'causal', 'full' or 'executed'")
         d, h, hd, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.feature_dim
         proj = 2.0 * d * h * (2 * f + hd) + 2.0 * h * hd * d
         la = flops_gated_linear_attention(seq_len, h, 1 + f + f * f, hd + 1, form=cfg.mixer_form,

@@ -264,8 +264,8 @@ class Mamba2(nnx.Module):
         Raises:
           ValueError: unknown ``attention`` convention or form.
         """
-        if attention not in ("causal", "full"):
-            raise ValueError(f"attention convention {attention!r}: choose 'causal' or 'full'")
+        if attention not in ("causal", "full", "executed"):
+            raise ValueError(f"attention convention {attention!r}: choose 'causal', 'full' or 'executed'")
         d, p, n, w = cfg.d_model, cfg.head_dim, cfg.state_size, cfg.conv_width
         e = cfg.expand * d
         h = e // p

@@ -33,6 +33,7 @@ from flax import nnx
 from efficient_arch import parallel
 from efficient_arch.models.layers import dot_product_attention, matmul
 from efficient_arch.models.mixers.attention import Attention, segment_mask
+from efficient_arch.ops.attention import executed_pairs, key_ranges
 
 
 def _uses_blocked(form: str, window: int, seq_len: int) -> bool:
@@ -203,9 +204,11 @@ class SlidingWindowAttention(Attention):
         * ``attention="causal"`` (model FLOPs, the MFU convention): the mean number of keys a
           query actually sees, ``(1/T) sum_{t=1}^{T} min(t, W)`` (= ``(T + 1) / 2`` if
           ``W >= T``, ``~W`` if ``W << T``). Independent of the executed form.
-        * ``attention="full"`` (executed / hardware FLOPs of the form ``cfg.mixer_form`` runs):
-          quadratic form ``T`` (the masked full square); blocked form ``2W * ceil(T/W) W / T``
-          (two blocks of keys per padded query); if ``W >= T`` the quadratic form runs: ``T``.
+        * ``attention="full"``: blocked form ``2W * ceil(T/W) W / T`` (two blocks of keys per
+          padded query), quadratic form (and ``W >= T``) ``T`` (the full square).
+        * ``attention="executed"`` (hardware FLOPs of the form ``cfg.mixer_form`` runs): blocked
+          form as ``"full"``; the quadratic form (also used when ``W >= T``) scores blocks of
+          queries against the keys the block's windows reach (``ops.attention.key_ranges``).
 
         Softmax/RoPE elementwise work is not counted.
 
@@ -218,13 +221,15 @@ class SlidingWindowAttention(Attention):
         if attention == "causal":
             m = min(w, t)
             t_eff = (m * (m + 1) / 2.0 + (t - m) * w) / t
-        elif attention == "full":
+        elif attention in ("full", "executed"):
             if _uses_blocked(cfg.mixer_form, w, t):
                 t_eff = 2.0 * w * (-(-t // w) * w) / t
-            else:
+            elif attention == "full":
                 t_eff = float(t)
+            else:
+                t_eff = executed_pairs(key_ranges(t, t, is_causal=True, local_window_size=(w - 1, 0))) / t
         else:
-            raise ValueError(f"attention convention {attention!r}: choose 'causal' or 'full'")
+            raise ValueError(f"attention convention {attention!r}: choose 'causal', 'full' or 'executed'")
         return proj + 4.0 * h * hd * t_eff
 
     @staticmethod
