@@ -33,7 +33,7 @@ from flax import nnx
 from efficient_arch import parallel
 from efficient_arch.models.layers import dot_product_attention, matmul
 from efficient_arch.models.mixers.attention import Attention, segment_mask
-from efficient_arch.ops.attention import executed_pairs, key_ranges
+from efficient_arch.ops.attention import attention_core, executed_pairs, key_ranges
 
 
 def _uses_blocked(form: str, window: int, seq_len: int) -> bool:
@@ -46,7 +46,9 @@ def blocked_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: in
 
     ``o_t = sum_{s = t-W+1}^{t} softmax_s(q_t . k_s / sqrt(D)) v_s`` (keys of other segments
     excluded). Blocks of ``W`` queries attend to ``2W`` keys (previous block + own block), so the
-    work is ``O(T W)`` instead of the ``O(T^2)`` of a masked full-square form.
+    work is ``O(T W)`` instead of the ``O(T^2)`` of a masked full-square form. Each block is one
+    batch row of :func:`efficient_arch.ops.attention.attention_core` (its backward keeps only the
+    probabilities; softmax in float32).
 
     Args:
       q: ``[B, T, H, D]``; k, v: ``[B, T, KV, D]`` with ``H % KV == 0`` (GQA).
@@ -78,24 +80,22 @@ def blocked_local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: in
         prev = jnp.pad(a[:, :-1], ((0, 0), (1, 0)) + ((0, 0),) * (a.ndim - 2))
         return jnp.concatenate([prev, a], axis=2)
 
-    kb, vb = two_blocks(k), two_blocks(v)
-    scores = jnp.einsum("bnikgd,bnjkd->bnkgij", qb, kb, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(d))
+    kb, vb = (two_blocks(a).reshape(b * n, 2 * c, kvh, d) for a in (k, v))
     i = jnp.arange(c)[:, None]
     j = jnp.arange(2 * c)[None, :]
     diff = c + i - j  # query position minus key position
     mask = (diff >= 0) & (diff < window)  # [c, 2c]
     mask = mask[None] & ((jnp.arange(n)[:, None, None] > 0) | (j >= c)[None])  # [N, c, 2c]; no keys < 0
-    mask = mask[None]  # [1, N, c, 2c]
+    mask = jnp.broadcast_to(mask[None], (b, n, c, 2 * c))
     if segment_ids is not None:
         seg = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
         seg_q = seg.reshape(b, n, c)
         seg_k = two_blocks(seg)
         mask = mask & (seg_q[..., :, None] == seg_k[..., None, :])
-    scores = jnp.where(mask[:, :, None, None], scores, -1e30)
-    p = jax.nn.softmax(scores, axis=-1)
-    o = jnp.einsum("bnkgij,bnjkd->bnikgd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
-    return o.reshape(b, n * c, h, d)[:, :t].astype(q.dtype)
+    # each block is a batch row of the softmax attention core (its backward keeps only p)
+    o = attention_core(qb.reshape(b * n, c, kvh, g, d), kb, vb, mask.reshape(b * n, 1, 1, c, 2 * c),
+                       1.0 / math.sqrt(d), q.dtype)
+    return o.reshape(b, n * c, h, d)[:, :t]
 
 
 class SlidingWindowAttention(Attention):
