@@ -162,12 +162,13 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default="all")
-    ap.add_argument("--size", default="bench")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--rows", default="all", help=f"comma-separated rows of {', '.join(ROWS)}; or all")
+    ap.add_argument("--size", default="bench", help="size of experiments/configs/transformer.py (default bench)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    ap.add_argument("--runs", type=int, default=5, help="timed steps; the median is reported")
     ap.add_argument("--quick", action="store_true", help="tiny size, 2 runs: a smoke test")
-    ap.add_argument("--loss-check", type=int, default=0, metavar="STEPS")
+    ap.add_argument("--loss-check", type=int, default=0, metavar="STEPS",
+                    help="also train transformer.py:small STEPS steps in float32 and bf16 and compare val loss")
     ap.add_argument("--no-malloc-tunables", action="store_true",
                     help="children without the glibc malloc settings `make train` uses")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<date>.json)")
@@ -179,6 +180,9 @@ def main(argv=None) -> int:
         print("RESULT" + json.dumps(run_row(args.child, args.size, args.warmup, args.runs)))
         return 0
     names = list(ROWS) if args.rows == "all" else args.rows.split(",")
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)} (or all)")
     env = dict(os.environ)
     if not args.no_malloc_tunables:
         env["GLIBC_TUNABLES"] = TUNABLES

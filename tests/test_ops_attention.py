@@ -34,11 +34,12 @@ def test_key_ranges_causal_window_and_unsplit():
     assert A.query_block(512) == A.QUERY_BLOCK == 128 and A.query_block(2048) == 512
     assert A.key_ranges(100, 100, is_causal=True) == ((0, 100, 0, 100),)
     assert A.executed_pairs(A.key_ranges(512, 512, is_causal=True)) == 128 * 128 * (1 + 2 + 3 + 4)
-    with pytest.raises(ValueError, match="T=4, S=6"):
-        A.key_ranges(4, 6, is_causal=True)
+    # T != S: causal masks aligned top-left (keys beyond the last query are never visible)
+    assert A.key_ranges(4, 6, is_causal=True, block=2) == ((0, 2, 0, 2), (2, 4, 0, 4))
+    assert A.key_ranges(6, 4, is_causal=True, block=4) == ((0, 4, 0, 4), (4, 6, 0, 4))
 
 
-@pytest.mark.parametrize("case", ["causal", "segments", "window", "empty_row"])
+@pytest.mark.parametrize("case", ["causal", "segments", "window", "empty_row", "more_keys"])
 def test_blocked_attention_matches_the_unblocked_core_float64(case):
     """Blocks of 8 queries (T = 29: a short last block; GQA 6 query heads on 2 KV heads) against
     the single-block core, float64: outputs and gradients of q, k, v agree to 1e-12 for the
@@ -46,17 +47,18 @@ def test_blocked_attention_matches_the_unblocked_core_float64(case):
     (which averages all S values in both)."""
     rng = np.random.default_rng(0)
     b, t, kv, g, hd = 2, 29, 2, 3, 8
+    s = 35 if case == "more_keys" else t  # T != S: the causal mask aligned top-left
     with jax.enable_x64(True):
         q = jnp.asarray(rng.standard_normal((b, t, kv, g, hd)))
-        k, v = (jnp.asarray(rng.standard_normal((b, t, kv, hd))) for _ in range(2))
+        k, v = (jnp.asarray(rng.standard_normal((b, s, kv, hd))) for _ in range(2))
         ct = jnp.asarray(rng.standard_normal((b, t, kv, g, hd)))
-        i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+        i, j = np.arange(t)[:, None], np.arange(s)[None, :]
         allowed = j <= i
         window = None
         if case == "window":
             window = (4, 0)
             allowed = allowed & (j >= i - 4)
-        allowed = np.broadcast_to(allowed, (b, 1, 1, t, t))
+        allowed = np.broadcast_to(allowed, (b, 1, 1, t, s))
         if case == "segments":
             seg = np.stack([np.repeat([0, 1, 2], [5, 13, 11]), np.repeat([0, 1], [20, 9])])
             allowed = allowed & (seg[:, None, None, :, None] == seg[:, None, None, None, :])
@@ -64,14 +66,14 @@ def test_blocked_attention_matches_the_unblocked_core_float64(case):
             allowed = allowed.copy()
             allowed[1, :, :, 17] = False  # query 17 of batch 1 sees nothing
         allowed = jnp.asarray(allowed)
-        ranges = A.key_ranges(t, t, is_causal=True, local_window_size=window, block=8)
+        ranges = A.key_ranges(t, s, is_causal=True, local_window_size=window, block=8)
         assert len(ranges) == 4
         scale = 1 / math.sqrt(hd)
 
         def loss(ranges_, q, k, v):
             return jnp.sum(A.blocked_attention(q, k, v, allowed, scale, jnp.float64, ranges_) * ct)
 
-        full = ((0, t, 0, t),)
+        full = ((0, t, 0, s),)
         want, want_g = jax.value_and_grad(lambda *a: loss(full, *a), argnums=(0, 1, 2))(q, k, v)
         got, got_g = jax.value_and_grad(lambda *a: loss(ranges, *a), argnums=(0, 1, 2))(q, k, v)
         o_full = A.blocked_attention(q, k, v, allowed, scale, jnp.float64, full)

@@ -159,13 +159,12 @@ def key_ranges(t: int, s: int, *, is_causal: bool, local_window_size: tuple[int,
     ``j`` iff ``j <= i`` when causal and ``i - left <= j <= i + right`` with a window).
 
     ``block`` None takes :func:`query_block`. Without a causal or window bound (or ``block <=
-    0``), one range: the whole ``T x S`` square.
-    Raises:
-      ValueError: ``is_causal`` with ``t != s``.
+    0``), one range: the whole ``T x S`` square. With ``T != S`` the masks are aligned top-left
+    (query ``i`` and key ``i`` at the same position), as ``layers.dot_product_attention`` builds
+    them. A block whose windows reach no key at all is given all ``S`` keys (its rows are empty
+    and average all values).
     """
     block = query_block(t) if block is None else block
-    if is_causal and t != s:
-        raise ValueError(f"causal attention needs as many queries as keys; got T={t}, S={s}")
     if block <= 0 or (not is_causal and local_window_size is None):
         return ((0, t, 0, s),)
     left, right = local_window_size if local_window_size is not None else (s, s)

@@ -127,8 +127,9 @@ class Attention(nnx.Module):
         full-square convention (PaLM App. B, Kaplan Table 1 style), ``(T + 1) / 2`` — the mean
         number of visible keys — for the causal convention (MaxText / Megatron style), and for
         ``"executed"`` (hardware FLOPs) the keys the XLA form scores per query: whole blocks of
-        queries against the keys up to the block's end (``ops.attention.key_ranges``; ``5 T / 8 +
-        O(1)`` for four blocks; ``T`` when the sequence is one block). cuDNN's kernel, where it
+        queries against the keys up to the block's end (``ops.attention.key_ranges``: exactly
+        ``5 T / 8`` for four equal blocks, ``T >= 512`` divisible by 4; ``T`` when the sequence is
+        one block, ``T <= 128``). cuDNN's kernel, where it
         runs, skips the upper triangle at its own tile size; the count stays the XLA form's.
         Softmax and RoPE elementwise work is not counted (model FLOPs are matmul FLOPs).
 
