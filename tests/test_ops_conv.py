@@ -102,3 +102,28 @@ def test_errors_and_flops():
                                            jax.ShapeDtypeStruct((4, 32), jnp.float32))
     xla = lowered.cost_analysis()["flops"]
     assert abs(xla / (flops_causal_conv1d(32, 4) * 2 * 64) - 7 / 8) < 0.01  # measured 0.8751
+
+
+def test_store_cotangent_keeps_values_and_gradients_and_nan():
+    """``store_cotangent`` is an identity in value and gradient (with a heavy producer of the
+    cotangent, segments and bias), puts a conditional in the compiled CPU backward, and turns a
+    NaN cotangent into an all-NaN one (never a finite gradient from a NaN)."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 37, 6)), jnp.float32)
+    w, bias = jnp.asarray(rng.standard_normal((4, 6)), jnp.float32), jnp.asarray(rng.standard_normal(6), jnp.float32)
+    seg = jnp.asarray(np.repeat([[0, 1, 2], [0, 0, 1]], [10, 20, 7], axis=1))
+    g = jnp.asarray(rng.standard_normal((2, 37, 6)), jnp.float32)
+
+    def loss(store, x, w, bias):
+        y = causal_conv1d(x, w, bias, segment_ids=seg, store_cotangent=store)
+        return jnp.sum(jax.nn.silu(y) * jnp.tanh(y) * g)
+
+    grads = {s: jax.jit(jax.grad(lambda *a, s=s: loss(s, *a), argnums=(0, 1, 2)))(x, w, bias) for s in (False, True)}
+    for a, b in zip(grads[False], grads[True]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    hlo = jax.jit(jax.grad(lambda x: loss(True, x, w, bias))).lower(x).compile().as_text()
+    assert " conditional(" in hlo
+    np.testing.assert_array_equal(causal_conv1d(x, w, bias, store_cotangent=True), causal_conv1d(x, w, bias))
+    nan_g = g.at[0, 0, 0].set(jnp.nan)
+    dx = jax.grad(lambda x: jnp.sum(causal_conv1d(x, w, store_cotangent=True) * nan_g))(x)
+    assert np.all(np.isnan(np.asarray(dx)))

@@ -66,8 +66,10 @@ class ShortConv(nnx.Module):
         """``x [B, T, *channels]`` -> same shape and dtype."""
         b, t = x.shape[:2]
         w = self.weight[...]
+        # store_cotangent: the conv's backward would recompute the gated-norm / skip / SSD-output
+        # backward at each of its W taps (ops/conv; benchmarks/NOTES.md, session 6)
         y = causal_conv1d(x.reshape(b, t, -1), w.reshape(w.shape[0], -1), self.bias[...].reshape(-1),
-                          segment_ids=segment_ids)
+                          segment_ids=segment_ids, store_cotangent=True)
         return y.reshape(x.shape)
 
     def step(self, x_t, state):
