@@ -127,3 +127,5 @@ def test_store_cotangent_keeps_values_and_gradients_and_nan():
     nan_g = g.at[0, 0, 0].set(jnp.nan)
     dx = jax.grad(lambda x: jnp.sum(causal_conv1d(x, w, store_cotangent=True) * nan_g))(x)
     assert np.all(np.isnan(np.asarray(dx)))
+    empty = jnp.zeros((0, 5, 6), jnp.float32)  # zero-size: no element to test, passed through
+    assert jax.grad(lambda x: jnp.sum(causal_conv1d(x, w, store_cotangent=True)))(empty).shape == (0, 5, 6)

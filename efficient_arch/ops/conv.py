@@ -32,11 +32,14 @@ def _check(x: jax.Array, weight: jax.Array, bias: jax.Array | None) -> None:
 
 
 def _cond_materialize(a: jax.Array) -> jax.Array:
-    """``a``, passed through a conditional on a runtime predicate (``a[0] == a[0]``; NaN gives an
-    all-NaN result): XLA does not fuse across a conditional, so its producer runs once and its
-    consumers read the stored result. (``optimization_barrier`` would say this directly, but
-    XLA:CPU removes barriers before fusion.)"""
-    first = a.reshape(-1)[0]
+    """``a``, passed through a conditional on a runtime predicate (its first element equal to
+    itself; a NaN there gives an all-NaN result): XLA does not fuse across a conditional, so its
+    producer runs once and its consumers read the stored result. (``optimization_barrier`` would
+    say this directly, but XLA:CPU removes barriers before fusion.) Skipped for zero-size arrays
+    and under a mesh with explicit axes (where ``cond`` on a sharded operand is a type error)."""
+    if a.size == 0 or jax.sharding.get_abstract_mesh().explicit_axes:
+        return a
+    first = a[(0,) * a.ndim]  # one element: no gather of a sharded cotangent
     return jax.lax.cond(first == first, lambda a: a, lambda a: jnp.full_like(a, jnp.nan), a)
 
 
@@ -45,7 +48,10 @@ def _store_cotangent(y: jax.Array) -> jax.Array:
     return y
 
 
-_store_cotangent.defvjp(lambda y: (y, None), lambda _, g: (_cond_materialize(g),))
+# platform_dependent: decided where the program is compiled (a GPU conditional would read its
+# predicate on the host every step; elsewhere the cotangent passes unchanged)
+_store_cotangent.defvjp(lambda y: (y, None),
+                        lambda _, g: (jax.lax.platform_dependent(g, cpu=_cond_materialize, default=lambda g: g),))
 
 
 def causal_conv1d(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
@@ -61,12 +67,13 @@ def causal_conv1d(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None
       weight: ``[W, C]`` (``weight[-1]`` multiplies the current token).
       bias: optional ``[C]``.
       segment_ids: optional int ``[B, T]``; taps that reach into another segment contribute 0.
-      store_cotangent: on the CPU backend, materialise the output's cotangent once in the backward
+      store_cotangent: in a program compiled for CPU, materialise the output's cotangent once in the backward
         (identity forward). The backward reads it at ``W`` shifts; XLA:CPU otherwise fuses its
         producer into that read and recomputes it ``W`` times. Worth it when the producer is heavy:
         Mamba-2's (gated norm, skip, chunked-output backward) layer fwd+bwd 1.19x / 1.24x at
         T = 2048; Gated DeltaNet's 0.96x (not used there). A NaN in the cotangent's first element
-        makes the whole cotangent NaN (never silently finite).
+        makes the whole cotangent NaN. Reverse mode only (a custom VJP: ``jax.jvp`` through it
+        raises); under ``vmap`` the conditional becomes a select and the gain is lost.
     Returns:
       ``[B, T, C]`` in ``x.dtype`` (accumulated in float32).
     FLOPs:
@@ -95,7 +102,7 @@ def causal_conv1d(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     y = y.astype(x.dtype)
-    if store_cotangent and jax.default_backend() == "cpu":
+    if store_cotangent:
         y = _store_cotangent(y)
     return y
 
