@@ -63,7 +63,7 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
     Returns:
       ``[B, T, K, G, H]`` in ``dtype``.
     """
-    return _primal(q, k, v, allowed, scale, dtype)
+    return _fwd(q, k, v, allowed, scale, dtype)[0]  # residuals unused here: XLA drops them
 
 
 def _fold(x):
@@ -78,9 +78,14 @@ def _unfold(x, g):
     return jnp.moveaxis(x.reshape(b, kv, g, gt // g, h), 3, 1)
 
 
+def _as_5d(allowed):
+    """``allowed`` broadcastable to ``[B, K, G, T, S]`` with leading size-1 axes added to 5-D."""
+    return allowed.reshape((1,) * (5 - allowed.ndim) + allowed.shape)
+
+
 def _fold_mask(allowed, g):
     """``allowed`` (broadcastable to ``[B, K, G, T, S]``) -> ``[B|1, K|1, G*T, S]``."""
-    allowed = allowed.reshape((1,) * (5 - allowed.ndim) + allowed.shape)
+    allowed = _as_5d(allowed)
     b, kv, ga, t, s = allowed.shape
     if ga != g:
         allowed = jnp.broadcast_to(allowed, (b, kv, g, t, s))
@@ -93,11 +98,6 @@ def _forward(q, k, v, allowed, scale, dtype):
     p = jax.nn.softmax(jnp.where(allowed, s, _NEG), axis=-1).astype(dtype)
     o = _dot("bkqs,bskh->bkqh", p, v, dtype).astype(dtype)
     return o, p
-
-
-def _primal(q, k, v, allowed, scale, dtype):
-    g = q.shape[3]
-    return _unfold(_forward(_fold(q), k, v, _fold_mask(allowed, g), scale, dtype)[0], g)
 
 
 def _fwd(q, k, v, allowed, scale, dtype):
@@ -196,7 +196,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
     """
     b, t = q.shape[:2]
     s = k.shape[1]
-    allowed = allowed.reshape((1,) * (5 - allowed.ndim) + allowed.shape)
+    allowed = _as_5d(allowed)
     if len(ranges) == 1 and ranges[0] == (0, t, 0, s):
         return attention_core(q, k, v, allowed, scale, dtype)
     outs = []
