@@ -4,9 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= experiments/configs/transformer.py:small
 WORKDIR ?= runs/small
-# glibc malloc settings that stop XLA:CPU from returning (and re-faulting) its temporary buffers
-# every step: 1.22x faster train step on transformer.py:small (benchmarks/NOTES.md)
-MALLOC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1
+# glibc malloc setting for XLA:CPU: transparent huge pages for the temporaries it allocates afresh
+# every step (2 MiB page faults, not 4 KiB). Same string as efficient_arch.hardware.CPU_MALLOC_TUNABLES
+# (tests/test_hardware.py keeps them equal); measured in benchmarks/NOTES.md "session 7".
+MALLOC_TUNABLES ?= glibc.malloc.hugetlb=1
 # pytest workers: 2 by default (the CI machine has 2 cores); `make test JOBS=0` runs serially.
 # --dist loadfile keeps a test file on one worker, so its module-scoped fixtures (the 8-device and
 # multi-process children, the quick tables) run once, not once per worker.

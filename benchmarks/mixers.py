@@ -25,9 +25,9 @@ budget at a shorter T is skipped at longer T without compiling.
 Allocator note: XLA:CPU allocates an executable's temporaries afresh on every call; with glibc's
 default malloc these large blocks are new ``mmap``s, so every step page-faults its whole temporary
 footprint (the ``sys_s_per_step`` and ``minor_faults_per_step`` fields measure it).
-``--malloc-tunables`` re-runs the benchmark under ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
-glibc.malloc.trim_threshold=<64 GiB>:glibc.malloc.arena_max=1`` (freed blocks stay mapped and are
-reused) for an A/B comparison.
+``--malloc-tunables`` re-runs the benchmark under ``GLIBC_TUNABLES=`` ``hardware.CPU_MALLOC_TUNABLES``
+(the setting of ``make train``: transparent huge pages for malloc's large blocks, so the per-call
+faults are 2 MiB, not 4 KiB) for an A/B comparison.
 
 ``--quick`` is a smoke run (d_model 64, T 64/128, XLA optimisations off to halve compile times;
 ~40 s on 2 idle cores): its numbers are not comparable to a full run.
@@ -63,9 +63,10 @@ import time
 import traceback
 from pathlib import Path
 
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
-if __name__ == "__main__" and "--malloc-tunables" in sys.argv and os.environ.get("GLIBC_TUNABLES") != TUNABLES:
-    os.environ["GLIBC_TUNABLES"] = TUNABLES  # read by glibc at process start: re-exec (before jax)
+from efficient_arch.hardware import CPU_MALLOC_TUNABLES
+
+if __name__ == "__main__" and "--malloc-tunables" in sys.argv and os.environ.get("GLIBC_TUNABLES") != CPU_MALLOC_TUNABLES:
+    os.environ["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES  # read by glibc at process start: re-exec
     os.execv(sys.executable, [sys.executable] + sys.argv)
 
 import jax
@@ -574,8 +575,8 @@ def parse_args(argv=None):
                    "(default 2048; --quick: off; 0 disables)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/mixers_<date>[_quick|"
                    "_partial].json)")
-    p.add_argument("--malloc-tunables", action="store_true", help="re-exec under GLIBC_TUNABLES that keep "
-                   "freed memory mapped (no per-step page faults of XLA temporaries); for A/B runs")
+    p.add_argument("--malloc-tunables", action="store_true", help="re-exec under GLIBC_TUNABLES=hardware."
+                   "CPU_MALLOC_TUNABLES (huge pages for XLA's per-call temporaries); for A/B runs")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failed combinations")
     a = p.parse_args(argv)
     if a.runs < 3:

@@ -46,7 +46,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
 ROWS = {  # name: config overrides (model.* unless the key names its section)
     "scan": {},
     "unrolled": {"scan_layers": False},
@@ -112,6 +111,7 @@ def run_row(name: str, size: str, warmup: int, runs: int) -> dict:
         "mfu_vs_f32_peak": ana["model_flops_per_step"] / step / peak["float32"],
         "compile_s": compile_s, "temp_bytes": mem.get("temp_bytes"), "compiled_total_bytes": mem.get("total_bytes"),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_after_compile_bytes": timed["peak_rss_after_compile_bytes"],
         "final_loss": float(m["loss"]), "backend": jax.default_backend(),
     }
 
@@ -185,7 +185,8 @@ def main(argv=None) -> int:
         ap.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)} (or all)")
     env = dict(os.environ)
     if not args.no_malloc_tunables:
-        env["GLIBC_TUNABLES"] = TUNABLES
+        from efficient_arch.hardware import CPU_MALLOC_TUNABLES
+        env["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES
     rows = []
     for name in names:
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--size", args.size, "--runs",

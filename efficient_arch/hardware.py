@@ -460,6 +460,17 @@ def lookup_hbm_bandwidth(spec: str) -> tuple[float, str, str]:
 # ---------------------------------------------------------------------------
 # CPU calibration
 # ---------------------------------------------------------------------------
+# glibc malloc setting for XLA:CPU runs (`make train`, benchmarks/train_step.py and
+# benchmarks/mixers.py --malloc-tunables; the Makefile spells the same string, a test keeps them
+# equal). XLA:CPU allocates each executable's temporaries afresh per call; glibc serves blocks over
+# 32 MiB with a new mmap, so every step page-faults its whole temporary footprint in 4 KiB pages.
+# ``hugetlb=1`` asks for transparent huge pages on those maps (2 MiB faults; a no-op where THP is
+# off or glibc < 2.35). The earlier setting (mmap_max=0, no trim, one arena: freed blocks kept)
+# grew peak RSS by a whole temporary footprint per step until ~3x (the previous call's temporaries
+# are freed on XLA's thread after the outputs are ready, so the next call allocates before the
+# free): benchmarks/NOTES.md "session 7".
+CPU_MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
+
 _CACHE_FILE = "cpu_peak.json"
 # (cache file, key) pairs this process has already re-measured with ``refresh``: one measurement per
 # process is enough (a sweep or table runs many trainings in one process; each re-measurement cost

@@ -270,3 +270,15 @@ def test_float32_on_gpu_takes_the_tf32_peak_unless_precision_is_highest():
     # a TPU has no float32 entry: the error is unchanged
     with pytest.raises(hw.UnknownAcceleratorError):
         hw.peak_flops_per_device("float32", device=types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite"))
+
+
+def test_makefile_malloc_tunables_match_the_benchmarks():
+    """`make train` and the benchmarks (via ``hardware.CPU_MALLOC_TUNABLES``) run under one setting."""
+    import re
+    from pathlib import Path
+
+    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    m = re.search(r"^MALLOC_TUNABLES \?= (\S+)$", make, re.M)
+    assert m, "Makefile lost its MALLOC_TUNABLES line"
+    assert m.group(1) == hw.CPU_MALLOC_TUNABLES
+    assert "GLIBC_TUNABLES=$(MALLOC_TUNABLES)" in make
