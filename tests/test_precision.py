@@ -135,6 +135,26 @@ def test_bf16_train_step_runs_every_dot_in_bf16(tiny_config):
     assert all(t == ("bf16", "bf16") for t in types), types
 
 
+def test_swiglu_float64_and_residuals():
+    """The custom VJP in float64 equals autodiff of ``silu(g) * u`` to rounding, and its backward
+    keeps ``gu`` alone (autodiff kept five float32 ``[..., d_ff]`` arrays)."""
+    from efficient_arch.models.layers import swiglu
+
+    rng = np.random.default_rng(3)
+    gu, dh = 4 * rng.standard_normal((2, 6, 2, 9)), rng.standard_normal((2, 6, 9))
+    with jax.enable_x64(True):
+        ref = lambda gu: jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]  # noqa: E731
+        x = jnp.asarray(gu)
+        want, want_g = ref(x), jax.grad(lambda gu: jnp.sum(ref(gu) * dh))(x)
+        got, got_g = swiglu(x), jax.grad(lambda gu: jnp.sum(swiglu(gu) * dh))(x)
+        assert got.dtype == got_g.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(got_g, want_g, rtol=1e-12, atol=1e-12)
+    _, vjp = jax.vjp(swiglu, jnp.asarray(gu, jnp.bfloat16))  # the residuals are the vjp's leaves
+    res = [(r.shape, r.dtype) for r in jax.tree_util.tree_leaves(vjp)]
+    assert res == [(gu.shape, jnp.bfloat16)], res
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_swiglu_matches_float64_autodiff(dtype):
     """layers.swiglu (float32 math on a [..., 2, d_ff] gate/up array) and its gradient ==

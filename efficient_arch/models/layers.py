@@ -509,15 +509,38 @@ class Embed(nnx.Module):
         return matmul("btd,vd->btv", x, self.embedding[...], dtype, out_dtype=jnp.float32, quant="none")
 
 
+@jax.custom_vjp
 def swiglu(gu: jax.Array) -> jax.Array:
     """SwiGLU gate (Shazeer 2020, eq. 6): ``silu(gate) * up`` for ``gu = [..., 2, d_ff]``
-    (``gu[..., 0, :]`` gate, ``gu[..., 1, :]`` up), computed in float32, returned in ``gu.dtype``.
+    (``gu[..., 0, :]`` gate, ``gu[..., 1, :]`` up), computed in float32 (float64 stays float64),
+    returned in ``gu.dtype``: ``[..., d_ff]``.
 
-    Plain autodiff. A custom VJP keeping only ``gu`` cut the bench step's temporaries by ~770 MB
-    but made transformer.py:small's step 1.27x slower (benchmarks/NOTES.md), so it was dropped.
+    Custom VJP: the backward keeps only ``gu`` (the gate/up matmul's output, in its own dtype) and
+    recomputes the sigmoid, ``d gate = dh * up * s * (1 + gate * (1 - s))``, ``d up = dh * gate * s``
+    with ``s = sigmoid(gate)``. Plain autodiff keeps five float32 ``[..., d_ff]`` arrays (the upcasts,
+    sigmoid and products); under a layer scan they are written to and read back from ``[L, ...]``
+    stacks. Bench step (transformer.py:bench), same-process A/B: float32 scanned 1.11x, bf16
+    scanned 1.12-1.21x, temporaries -768 / -1,024 MiB; transformer.py:small 0.95-0.99x
+    (benchmarks/NOTES.md, session 7).
     """
-    g, u = gu[..., 0, :].astype(jnp.float32), gu[..., 1, :].astype(jnp.float32)
+    ct = jnp.promote_types(gu.dtype, jnp.float32)
+    g, u = gu[..., 0, :].astype(ct), gu[..., 1, :].astype(ct)
     return (jax.nn.silu(g) * u).astype(gu.dtype)
+
+
+def _swiglu_fwd(gu):
+    return swiglu(gu), gu
+
+
+def _swiglu_bwd(gu, dh):
+    ct = jnp.promote_types(gu.dtype, jnp.float32)
+    g, u = gu[..., 0, :].astype(ct), gu[..., 1, :].astype(ct)
+    s, dh = jax.nn.sigmoid(g), dh.astype(ct)
+    dg = dh * u * s * (1 + g * (1 - s))
+    return (jnp.stack([dg, dh * g * s], axis=-2).astype(gu.dtype),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
