@@ -5,7 +5,8 @@ Reference config: d_model 512, 8 layers, 8 heads x 64 (n_kv_heads 8), SwiGLU d_f
 8192 (untied head), seq_len 512, global batch 8 (4,096 tokens/step), float32 params, AdamW, one
 CPU device.
 
-Each row runs in its own child process (so peak RSS is the row's own) which, in order:
+Each row runs in its own child process (so peak RSS is the row's own; children run under
+``GLIBC_TUNABLES=hardware.CPU_MALLOC_TUNABLES`` unless ``--no-malloc-tunables``) which, in order:
 1. measures the float32 and bfloat16 (bf16 inputs, f32 accumulation) matmul peaks in that process
    (``hardware.measure_cpu_matmul_peak``, no cache), and again after the timed steps, keeping the
    higher (one calibration can still read low when another process takes a core: compare rows by
@@ -166,11 +167,11 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="bench", help="size of experiments/configs/transformer.py (default bench)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     ap.add_argument("--runs", type=int, default=5, help="timed steps; the median is reported")
-    ap.add_argument("--quick", action="store_true", help="tiny size, 2 runs: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="smoke test: size tiny, 1 warm-up, 2 runs (overrides --size/--warmup/--runs); writes train_step_<date>_quick.json")
     ap.add_argument("--loss-check", type=int, default=0, metavar="STEPS",
                     help="also train transformer.py:small STEPS steps in float32 and bf16 and compare val loss")
     ap.add_argument("--no-malloc-tunables", action="store_true",
-                    help="children without the glibc malloc settings `make train` uses")
+                    help="children without GLIBC_TUNABLES=hardware.CPU_MALLOC_TUNABLES (`make train`'s setting; by default it replaces any GLIBC_TUNABLES of the caller)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<date>.json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -462,10 +462,11 @@ def lookup_hbm_bandwidth(spec: str) -> tuple[float, str, str]:
 # ---------------------------------------------------------------------------
 # glibc malloc setting for XLA:CPU runs (`make train`, benchmarks/train_step.py and
 # benchmarks/mixers.py --malloc-tunables; the Makefile spells the same string, a test keeps them
-# equal). XLA:CPU allocates each executable's temporaries afresh per call; glibc serves blocks over
-# 32 MiB with a new mmap, so every step page-faults its whole temporary footprint in 4 KiB pages.
-# ``hugetlb=1`` asks for transparent huge pages on those maps (2 MiB faults; a no-op where THP is
-# off or glibc < 2.35). The earlier setting (mmap_max=0, no trim, one arena: freed blocks kept)
+# equal). XLA:CPU allocates each executable's temporaries afresh per call; glibc serves large blocks
+# (always from 32 MiB, from 128 KiB up under its dynamic threshold) with a new mmap, so every step
+# page-faults its whole temporary footprint in 4 KiB pages. ``hugetlb=1`` asks for transparent huge
+# pages on those maps (2 MiB faults); no effect where THP is off, redundant where it is `always`,
+# ignored by glibc < 2.35. The earlier setting (mmap_max=0, no trim, one arena: freed blocks kept)
 # grew peak RSS by a whole temporary footprint per step until ~3x (the previous call's temporaries
 # are freed on XLA's thread after the outputs are ready, so the next call allocates before the
 # free): benchmarks/NOTES.md "session 7".

@@ -521,7 +521,8 @@ def swiglu(gu: jax.Array) -> jax.Array:
     sigmoid and products); under a layer scan they are written to and read back from ``[L, ...]``
     stacks. Bench step (transformer.py:bench), same-process A/B: float32 scanned 1.11x, bf16
     scanned 1.12-1.21x, temporaries -768 / -1,024 MiB; transformer.py:small 0.95-0.99x
-    (benchmarks/NOTES.md, session 7).
+    (benchmarks/NOTES.md, session 7). Reverse mode only (``jvp`` / ``jacfwd`` of a custom VJP raise
+    a TypeError); ``grad(grad(...))`` works.
     """
     ct = jnp.promote_types(gu.dtype, jnp.float32)
     g, u = gu[..., 0, :].astype(ct), gu[..., 1, :].astype(ct)
