@@ -520,13 +520,18 @@ def swiglu(gu: jax.Array) -> jax.Array:
     with ``s = sigmoid(gate)``. Plain autodiff keeps five float32 ``[..., d_ff]`` arrays (the upcasts,
     sigmoid and products); under a layer scan they are written to and read back from ``[L, ...]``
     stacks. Bench step (transformer.py:bench), same-process A/B: float32 scanned 1.11x, bf16
-    scanned 1.12-1.21x, temporaries -768 / -1,024 MiB; transformer.py:small 0.95-0.99x
+    scanned 1.12x, bf16 scan+dots 1.11x, temporaries -768 MiB; transformer.py:small 0.95-0.97x
     (benchmarks/NOTES.md, session 7). Reverse mode only (``jvp`` / ``jacfwd`` of a custom VJP raise
     a TypeError); ``grad(grad(...))`` works.
     """
-    ct = jnp.promote_types(gu.dtype, jnp.float32)
-    g, u = gu[..., 0, :].astype(ct), gu[..., 1, :].astype(ct)
+    g, u = _gate_up(gu)
     return (jax.nn.silu(g) * u).astype(gu.dtype)
+
+
+def _gate_up(gu):
+    """``gu [..., 2, d_ff]`` -> gate, up ``[..., d_ff]`` in float32 (float64 stays float64)."""
+    ct = jnp.promote_types(gu.dtype, jnp.float32)
+    return gu[..., 0, :].astype(ct), gu[..., 1, :].astype(ct)
 
 
 def _swiglu_fwd(gu):
@@ -534,9 +539,8 @@ def _swiglu_fwd(gu):
 
 
 def _swiglu_bwd(gu, dh):
-    ct = jnp.promote_types(gu.dtype, jnp.float32)
-    g, u = gu[..., 0, :].astype(ct), gu[..., 1, :].astype(ct)
-    s, dh = jax.nn.sigmoid(g), dh.astype(ct)
+    g, u = _gate_up(gu)
+    s, dh = jax.nn.sigmoid(g), dh.astype(g.dtype)
     dg = dh * u * s * (1 + g * (1 - s))
     return (jnp.stack([dg, dh * g * s], axis=-2).astype(gu.dtype),)
 
