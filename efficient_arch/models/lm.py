@@ -22,6 +22,7 @@ from flax import nnx
 from efficient_arch import parallel
 from efficient_arch.models import registry
 from efficient_arch.models.layers import Embed, RMSNorm, dtype_of, matmul, param, precision_of
+from efficient_arch.ops import scan as scan_lib
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -184,8 +185,8 @@ class LM(nnx.Module):
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         with precision_of(self.cfg):  # model.quant / attention_impl for the blocks (not the head)
-            if self.cfg.scan_layers:
-                x, auxs = jax.lax.scan(body, x, stacked)
+            if self.cfg.scan_layers:  # residuals as integers: stacked in place (ops/scan.py)
+                x, auxs = jax.lax.scan(scan_lib.int_residuals(body), x, stacked)
             else:
                 outs = []
                 for i in range(n):
