@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from efficient_arch.ops import scan as scan_lib
+
 
 def _check(x: jax.Array, weight: jax.Array, bias: jax.Array | None) -> None:
     if weight.ndim != 2 or weight.shape[1] != x.shape[-1]:
@@ -31,27 +33,12 @@ def _check(x: jax.Array, weight: jax.Array, bias: jax.Array | None) -> None:
         raise ValueError(f"bias must be [C]={x.shape[-1]}, got {bias.shape}")
 
 
-def _cond_materialize(a: jax.Array) -> jax.Array:
-    """``a``, passed through a conditional on a runtime predicate (its first element equal to
-    itself; a NaN there gives an all-NaN result): XLA does not fuse across a conditional, so its
-    producer runs once and its consumers read the stored result. (``optimization_barrier`` would
-    say this directly, but XLA:CPU removes barriers before fusion.) Skipped for zero-size arrays
-    and under a mesh with explicit axes (where ``cond`` on a sharded operand is a type error)."""
-    if a.size == 0 or jax.sharding.get_abstract_mesh().explicit_axes:
-        return a
-    first = a[(0,) * a.ndim]  # one element: no gather of a sharded cotangent
-    return jax.lax.cond(first == first, lambda a: a, lambda a: jnp.full_like(a, jnp.nan), a)
-
-
 @jax.custom_vjp
 def _store_cotangent(y: jax.Array) -> jax.Array:
     return y
 
 
-# platform_dependent: decided where the program is compiled (a GPU conditional would read its
-# predicate on the host every step; elsewhere the cotangent passes unchanged)
-_store_cotangent.defvjp(lambda y: (y, None),
-                        lambda _, g: (jax.lax.platform_dependent(g, cpu=_cond_materialize, default=lambda g: g),))
+_store_cotangent.defvjp(lambda y: (y, None), lambda _, g: (scan_lib.materialize_on_cpu(g),))
 
 
 def causal_conv1d(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,

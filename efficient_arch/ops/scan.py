@@ -37,6 +37,36 @@ def scan(f, init, xs, length=None, *, unroll: int | bool = 1):
     return jax.lax.scan(f, init, xs, length=length, unroll=True if is_unrolled() else unroll)
 
 
+def materialize_on_cpu(a: jax.Array) -> jax.Array:
+    """``a`` itself; in a program compiled for CPU, stored once in its own buffer.
+
+    XLA:CPU fuses a cheap producer (an elementwise op, a slice of a loop's stacked array) into
+    every consumer; when a consumer is a transposing copy or is fused several times, the
+    producer's work or its strided reads repeat. Passing ``a`` through a conditional on a runtime
+    predicate (its first element equal to itself) stops fusion there: the producer runs once and
+    the consumers read the stored result. (``optimization_barrier`` would say this directly, but
+    XLA:CPU removes barriers before fusion.) If ``a``'s first element is NaN the result is all
+    NaN. ``jax.lax.platform_dependent`` decides where the program is compiled: on other platforms
+    ``a`` passes unchanged (a GPU conditional would read its predicate on the host). Skipped for
+    zero-size arrays and under a mesh with explicit axes (where ``cond`` on a sharded operand is a
+    type error); under ``vmap`` the conditional becomes a select and the gain is lost.
+
+    Args:
+      a: any array.
+
+    Returns:
+      ``a`` (same shape, dtype and values).
+    """
+    if a.size == 0 or jax.sharding.get_abstract_mesh().explicit_axes:
+        return a
+
+    def stored(a):
+        first = a[(0,) * a.ndim]  # one element: no gather of a sharded array
+        return jax.lax.cond(first == first, lambda a: a, lambda a: jnp.full_like(a, jnp.nan), a)
+
+    return jax.lax.platform_dependent(a, cpu=stored, default=lambda a: a)
+
+
 # residual dtype -> the same-width integer dtype it is stored as (float16 is left alone: XLA:CPU
 # updates it in place)
 _RESIDUAL_INT = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16)}
@@ -55,7 +85,12 @@ def int_residuals(f):
     loop become a whole-stack convert that loop-invariant code motion hoists out of the loop
     (benchmarks/NOTES.md, session 8). Integers are left alone, so bfloat16 residuals are bit-cast
     to ``uint16`` in the forward and back in the backward: no rounding, bit-identical gradients.
-    Other dtypes (float16 included: updated in place) pass through unchanged.
+    Other dtypes (float16 included: updated in place) pass through unchanged. In the backward each
+    bfloat16 residual also goes through :func:`materialize_on_cpu`: otherwise XLA:CPU fuses the
+    step's ``dynamic-slice`` of the stack into its consumers, and the transposing copies the
+    weight-gradient dots need then take its slow elemental path (a bf16 ``[4096, 2048]``
+    transpose of a slice 60 ms vs 8 ms of a whole buffer on one core; bench bf16 scanned step
+    1.13-1.19x). If a residual's first element is NaN, that whole residual reads NaN.
 
     Args:
       f: a function of arrays (any pytree in and out) differentiable by ``jax.vjp``.
@@ -81,7 +116,9 @@ def int_residuals(f):
         return jax.lax.bitcast_convert_type(r, _RESIDUAL_INT[r.dtype]) if r.dtype in _RESIDUAL_INT else r
 
     def unpack(r):
-        return jax.lax.bitcast_convert_type(r, _RESIDUAL_FLOAT[r.dtype]) if r.dtype in _RESIDUAL_FLOAT else r
+        if r.dtype not in _RESIDUAL_FLOAT:
+            return r
+        return materialize_on_cpu(jax.lax.bitcast_convert_type(r, _RESIDUAL_FLOAT[r.dtype]))
 
     def fwd(*args):
         out, vjp = jax.vjp(f, *args)
