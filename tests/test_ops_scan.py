@@ -96,3 +96,18 @@ def test_scanned_lm_bf16_gradients_unchanged_and_stacks_in_place(tiny_config, mo
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not CONVERTED_DUS.search(hlo1)
     assert CONVERTED_DUS.search(hlo0)  # the plain scan stacks the bf16 residuals out of place
+
+
+def test_scan_store_residuals_float32_same_gradients_and_stored():
+    ws = jax.random.normal(jax.random.key(0), (5, 16, 16)) * 0.3
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+
+    def loss(ws, x, store):
+        y, a = scan_lib.scan(_layer, x, ws, store_residuals=store)
+        return jnp.sum(y ** 2) + jnp.sum(a)
+
+    grads = {s: jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2) for s in (True, False)}
+    for a, b in zip(grads[True](ws, x, True), grads[False](ws, x, False)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    hlo = {s: grads[s].lower(ws, x, s).compile().as_text() for s in (True, False)}
+    assert hlo[True].count(" conditional(") >= 1 and hlo[False].count(" conditional(") == 0
