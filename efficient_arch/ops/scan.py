@@ -98,7 +98,7 @@ def int_residuals(f, *, store_float32: bool = False):
     transpose of a slice 60 ms vs 8 ms of a whole buffer on one core; bench bf16 scanned step
     1.13-1.19x). If a residual's first element is NaN, that whole residual reads NaN.
     ``store_float32=True`` stores float32 residuals once too (neutral for the bench layer stack,
-    1.006x; GLA's chunk loop 1.29x: its opt-in through :func:`scan`).
+    1.006x; GLA's chunk loop 1.04-1.08x: its opt-in through :func:`scan`).
 
     Args:
       f: a function of arrays (any pytree in and out) differentiable by ``jax.vjp``.
