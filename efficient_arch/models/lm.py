@@ -186,8 +186,8 @@ class LM(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         with precision_of(self.cfg):  # model.quant / attention_impl for the blocks (not the head)
             if self.cfg.scan_layers:
-                # bf16 residuals as integers: stacked in place (ops/scan.py); other dtypes keep
-                # the plain body (int_residuals is reverse-mode only)
+                # bf16 residuals as integers: stacked in place (ops/scan.py); other dtypes have
+                # nothing to pack and keep the plain body
                 bf16 = self.dtype == jnp.bfloat16
                 x, auxs = jax.lax.scan(scan_lib.int_residuals(body) if bf16 else body, x, stacked)
             else:

@@ -127,7 +127,10 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
       segment_ids: optional int ``[B, T]``; ``S_{t-1} := 0`` where ``segment_ids[t] !=
         segment_ids[t-1]``.
       initial_state: optional ``[B, H, K, V]`` (float32), the state before token 0.
-      form: ``"chunked"`` | ``"recurrent"`` | ``"quadratic"`` (see the module docstring).
+      form: ``"chunked"`` | ``"recurrent"`` | ``"quadratic"`` (see the module docstring). The
+        chunked form with a per-key ``log_decay`` (``[..., K]``, GLA) is reverse-mode
+        differentiable only (its chunk loop stores its residuals through a custom VJP:
+        ``ops.scan.scan(store_residuals=True)``; no second derivatives in bfloat16).
       chunk_size: ``C`` of the chunked form; ``T`` need not be a multiple (padding with
         ``k = v = 0, g = 0``, which leaves outputs and the final state unchanged).
 

@@ -37,7 +37,9 @@ def scan(f, init, xs, length=None, *, unroll: int | bool = 1, store_residuals: b
 
     ``store_residuals``: the body goes through ``int_residuals(f, store_float32=True)``: in the
     backward pass each step's residuals are stored once instead of being read through the stack
-    slice by every consumer (a measured gain for some bodies, a loss for others: opt in).
+    slice by every consumer (a measured gain for some bodies, a loss for others: opt in). The
+    body then has :func:`int_residuals`' limits: reverse mode only, no closing over
+    differentiated values, no second derivatives through bfloat16 residuals.
     """
     body = int_residuals(f, store_float32=True) if store_residuals else f
     return jax.lax.scan(body, init, xs, length=length, unroll=True if is_unrolled() else unroll)
@@ -58,12 +60,13 @@ def materialize_on_cpu(a: jax.Array) -> jax.Array:
     type error); under ``vmap`` the conditional becomes a select and the gain is lost.
 
     Args:
-      a: any array.
+      a: an array; only floating-point ones are stored (an integer predicate ``x == x`` would
+        fold to a constant), others are returned unchanged.
 
     Returns:
       ``a`` (same shape, dtype and values).
     """
-    if a.size == 0 or jax.sharding.get_abstract_mesh().explicit_axes:
+    if not jnp.issubdtype(a.dtype, jnp.floating) or a.size == 0 or jax.sharding.get_abstract_mesh().explicit_axes:
         return a
 
     def stored(a):
@@ -90,7 +93,8 @@ def int_residuals(f, *, store_float32: bool = False):
     122 / 422 ms vs float32's 29 / 54 / 130 ms), and its ``dynamic-slice`` reads in the backward
     loop become a whole-stack convert that loop-invariant code motion hoists out of the loop
     (benchmarks/NOTES.md, session 8). Integers are left alone, so bfloat16 residuals are bit-cast
-    to ``uint16`` in the forward and back in the backward: no rounding, bit-identical gradients.
+    to ``uint16`` in the forward and back in the backward: no rounding, bit-identical (first-order,
+    unbatched) gradients.
     Other dtypes (float16 included: updated in place) pass through unchanged. In the backward each
     bfloat16 residual also goes through :func:`materialize_on_cpu`: otherwise XLA:CPU fuses the
     step's ``dynamic-slice`` of the stack into its consumers, and the transposing copies the
@@ -105,12 +109,20 @@ def int_residuals(f, *, store_float32: bool = False):
       store_float32: also pass float32 residuals through :func:`materialize_on_cpu`.
 
     Returns:
-      ``g`` with ``g(*args) == f(*args)``; reverse mode only (a custom VJP: ``jax.jvp`` of ``g``
-      raises a TypeError).
+      ``g`` with ``g(*args) == f(*args)`` (positional arguments). A custom VJP: reverse mode only
+      (``jax.jvp`` of ``g`` raises a TypeError), and ``f`` must take every array it is
+      differentiated with respect to as an argument (closing over one raises JAX's
+      ``CustomVJPException``, e.g. an inner wrapped scan whose body uses the outer step's weights).
 
     Raises:
       TypeError: when traced for differentiation and ``f`` has a ``uint16`` residual of its own
         (it would be mistaken for a packed bfloat16).
+
+    Warning: second derivatives (grad of grad, Hessian-vector products) through ``g`` are wrong
+    when ``f`` has bfloat16 residuals, and this is not detected: a ``uint16`` residual carries no
+    derivative (a new-user trial measured a gradient-norm gradient 21% off). Float32 / float16 /
+    float64 residuals are not packed, and their second derivatives are exact. The LM wraps its
+    scanned layers only for bf16 compute: take higher-order derivatives of a float32 model.
     """
 
     @jax.custom_vjp
