@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_arch.ops import dots
+from efficient_arch.ops import scan as scan_lib
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # as jax.nn.dot_product_attention's XLA form
 
@@ -111,8 +112,10 @@ def _fwd(q, k, v, allowed, scale, dtype):
                            jnp.zeros((0,), q.dtype), jnp.zeros((0,), k.dtype), jnp.zeros((0,), v.dtype))
 
 
-def _bwd(scale, dtype, res, do):
-    q, k, v, p, o, row_ok, q0, k0, v0 = res
+def _grads(scale, dtype, res, do):
+    """``(dq [B, T, K, G, H], dk [B, K, H, S], dv [B, K, H, S])`` in the accumulation dtype; dk
+    and dv in the products' head-dim-major layout (the callers transpose them)."""
+    q, k, v, p, o, row_ok = res[:6]
     b, t, kv, g, _ = q.shape
     dof = _fold(do)
     dp = _dot("bkqh,bskh->bkqs", dof, v, dtype)
@@ -133,11 +136,58 @@ def _bwd(scale, dtype, res, do):
         ds, p = ds.reshape(b, kv, g, t, -1), p.reshape(b, kv, g, t, -1)
         dk = _dot("btkgh,bkgts->bkhs", q, ds, dtype)
         dv = _dot("btkgh,bkgts->bkhs", do, p, dtype)
-    dk, dv = jnp.transpose(dk, (0, 3, 1, 2)) * scale, jnp.transpose(dv, (0, 3, 1, 2))
+    return dq, dk * scale, dv
+
+
+def _bwd(scale, dtype, res, do):
+    q0, k0, v0 = res[6:]
+    dq, dk, dv = _grads(scale, dtype, res, do)
+    dk, dv = jnp.transpose(dk, (0, 3, 1, 2)), jnp.transpose(dv, (0, 3, 1, 2))
     return dq.astype(q0.dtype), dk.astype(k0.dtype), dv.astype(v0.dtype), None  # mask: no gradient
 
 
 attention_core.defvjp(_fwd, _bwd)
+
+
+def _block_args(q, k, v, allowed, block):
+    """One query block's ``q``, ``k``, ``v`` and mask (``block = (q0, q1, k0, k1)``)."""
+    q0, q1, k0, k1 = block
+    a = allowed[..., q0:q1, :] if allowed.shape[-2] != 1 else allowed
+    a = a[..., k0:k1] if a.shape[-1] != 1 else a
+    return q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], a
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blocked(q, k, v, allowed, scale, dtype, ranges):
+    """:func:`attention_core` per block of ``ranges`` (which partition the queries, in order),
+    outputs concatenated: ``[B, T, K, G, H]``. One backward for all blocks: each block's ``dk``,
+    ``dv`` are summed in the accumulation dtype in the products' ``[B, K, H, S]`` layout, stored,
+    and transposed once (autodiff of the per-block calls summed the blocks' transposed
+    cotangents in the compute dtype inside one fusion, whose transposes took XLA:CPU's elemental
+    path: benchmarks/NOTES.md, session 8)."""
+    return _blocked_fwd(q, k, v, allowed, scale, dtype, ranges)[0]
+
+
+def _blocked_fwd(q, k, v, allowed, scale, dtype, ranges):
+    outs, res = zip(*(_fwd(*_block_args(q, k, v, allowed, blk), scale, dtype) for blk in ranges))
+    return jnp.concatenate(outs, axis=1), (res, jnp.zeros((0, k.shape[1]), bool))
+
+
+def _blocked_bwd(scale, dtype, ranges, res, do):
+    res, s_len = res
+    q0, k0, v0 = res[0][6:]
+    b, _, kv, _, h = res[0][0].shape
+    dq, dk, dv = [], jnp.zeros((b, kv, h, s_len.shape[1]), dots.acc_dtype(dtype)), None
+    dv = dk
+    for (t0, t1, s0, s1), r in zip(ranges, res):
+        dq_i, dk_i, dv_i = _grads(scale, dtype, r, do[:, t0:t1])
+        dq.append(dq_i)
+        dk, dv = dk.at[..., s0:s1].add(dk_i), dv.at[..., s0:s1].add(dv_i)
+    to_bskh = lambda x, like: jnp.transpose(scan_lib.materialize_on_cpu(x), (0, 3, 1, 2)).astype(like.dtype)  # noqa: E731
+    return jnp.concatenate(dq, axis=1).astype(q0.dtype), to_bskh(dk, k0), to_bskh(dv, v0), None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 QUERY_BLOCK = 128  # smallest query block of blocked_attention; 0 = never split (benchmarks/NOTES.md, session 6)
@@ -199,12 +249,7 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
     allowed = _as_5d(allowed)
     if len(ranges) == 1 and ranges[0] == (0, t, 0, s):
         return attention_core(q, k, v, allowed, scale, dtype)
-    outs = []
-    for q0, q1, k0, k1 in ranges:
-        a = allowed[..., q0:q1, :] if allowed.shape[-2] != 1 else allowed
-        a = a[..., k0:k1] if a.shape[-1] != 1 else a
-        outs.append(attention_core(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], a, scale, dtype))
-    o = jnp.concatenate(outs, axis=1)
+    o = _blocked(q, k, v, allowed, scale, dtype, tuple(map(tuple, ranges)))
     # rows with nothing allowed: the mean of all S values (attention_core's uniform average)
     empty = jnp.moveaxis(~jnp.any(allowed, axis=-1), -1, 1)[..., None]  # [B|1, T, K|1, G|1, 1]
     mean_v = jnp.mean(v.astype(dots.acc_dtype(dtype)), axis=1)[:, None, :, None].astype(o.dtype)
