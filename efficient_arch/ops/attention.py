@@ -139,11 +139,15 @@ def _grads(scale, dtype, res, do):
     return dq, dk * scale, dv
 
 
+def _bskh(x, dtype):
+    """A key / value gradient ``[B, K, H, S]`` -> ``[B, S, K, H]`` in ``dtype``."""
+    return jnp.transpose(x, (0, 3, 1, 2)).astype(dtype)
+
+
 def _bwd(scale, dtype, res, do):
     q0, k0, v0 = res[6:]
     dq, dk, dv = _grads(scale, dtype, res, do)
-    dk, dv = jnp.transpose(dk, (0, 3, 1, 2)), jnp.transpose(dv, (0, 3, 1, 2))
-    return dq.astype(q0.dtype), dk.astype(k0.dtype), dv.astype(v0.dtype), None  # mask: no gradient
+    return dq.astype(q0.dtype), _bskh(dk, k0.dtype), _bskh(dv, v0.dtype), None  # mask: no gradient
 
 
 attention_core.defvjp(_fwd, _bwd)
@@ -177,14 +181,14 @@ def _blocked_bwd(scale, dtype, ranges, res, do):
     res, s_len = res
     q0, k0, v0 = res[0][6:]
     b, _, kv, _, h = res[0][0].shape
-    dq, dk, dv = [], jnp.zeros((b, kv, h, s_len.shape[1]), dots.acc_dtype(dtype)), None
-    dv = dk
+    zeros = jnp.zeros((b, kv, h, s_len.shape[1]), dots.acc_dtype(dtype))
+    dq, dk, dv = [], zeros, zeros
     for (t0, t1, s0, s1), r in zip(ranges, res):
         dq_i, dk_i, dv_i = _grads(scale, dtype, r, do[:, t0:t1])
         dq.append(dq_i)
         dk, dv = dk.at[..., s0:s1].add(dk_i), dv.at[..., s0:s1].add(dv_i)
-    to_bskh = lambda x, like: jnp.transpose(scan_lib.materialize_on_cpu(x), (0, 3, 1, 2)).astype(like.dtype)  # noqa: E731
-    return jnp.concatenate(dq, axis=1).astype(q0.dtype), to_bskh(dk, k0), to_bskh(dv, v0), None
+    dk, dv = scan_lib.materialize_on_cpu(dk), scan_lib.materialize_on_cpu(dv)  # then one transpose each
+    return jnp.concatenate(dq, axis=1).astype(q0.dtype), _bskh(dk, k0.dtype), _bskh(dv, v0.dtype), None
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
