@@ -103,3 +103,25 @@ def test_attention_executed_flops_match_xla_at_four_blocks():
     proj = cls.flops_per_token(cfg, t, attention="full") - 4 * 4 * 64 * 512
     assert executed == proj + 4 * 4 * 64 * 320
     assert 1.0 <= xla / (executed * b * t) <= 1.05, xla / (executed * b * t)
+
+
+def test_key_padding_mask_with_query_groups_and_range_checks():
+    """A mask with one row for every query ([B, 1, 1, 1, S], key padding) with G = 3 query heads per
+    KV head gives what its explicit [B, 1, 1, T, S] broadcast gives (it raised a broadcasting error
+    in the folded layout), blocked and unblocked; malformed ranges raise ValueError."""
+    rng = np.random.default_rng(1)
+    b, t, s, kv, g, hd = 2, 20, 24, 2, 3, 8
+    q = jnp.asarray(rng.standard_normal((b, t, kv, g, hd)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, kv, hd)), jnp.float32) for _ in range(2))
+    pad = jnp.asarray(np.arange(s)[None, :] < np.array([[s], [15]]))[:, None, None, None, :]
+    full = jnp.broadcast_to(pad, (b, 1, 1, t, s))
+    blocks = ((0, 8, 0, s), (8, 16, 0, s), (16, t, 0, s))
+    for ranges in (((0, t, 0, s),), blocks):
+        got = A.blocked_attention(q, k, v, pad, 0.3, jnp.float32, ranges)
+        want = A.blocked_attention(q, k, v, full, 0.3, jnp.float32, ranges)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got[1], A.blocked_attention(q, k, v, jnp.ones_like(full), 0.3, jnp.float32, blocks)[1])
+    for bad in (blocks[::-1], blocks[:2], ((0, 8, 0, s), (9, t, 0, s)), ((0, 8, 0, s + 1), (8, t, 0, s)),
+                ((0, 8, 4, 4), (8, t, 0, s)), ((0, 0, 0, s), (0, t, 0, s))):
+        with pytest.raises(ValueError, match="partitioning the queries"):
+            A.blocked_attention(q, k, v, full, 0.3, jnp.float32, bad)

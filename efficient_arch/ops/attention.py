@@ -84,11 +84,13 @@ def _as_5d(allowed):
     return allowed.reshape((1,) * (5 - allowed.ndim) + allowed.shape)
 
 
-def _fold_mask(allowed, g):
+def _fold_mask(allowed, g, t):
     """``allowed`` (broadcastable to ``[B, K, G, T, S]``) -> ``[B|1, K|1, G*T, S]``."""
     allowed = _as_5d(allowed)
-    b, kv, ga, t, s = allowed.shape
-    if ga != g:
+    b, kv, ga, ta, s = allowed.shape
+    if (ga, ta) == (1, 1):  # one row for all queries (a key-padding mask): stays broadcast
+        return allowed.reshape(b, kv, 1, s)
+    if (ga, ta) != (g, t):  # the G*T folded rows need both axes in full
         allowed = jnp.broadcast_to(allowed, (b, kv, g, t, s))
     return allowed.reshape(b, kv, g * t, s)
 
@@ -103,7 +105,7 @@ def _forward(q, k, v, allowed, scale, dtype):
 
 def _fwd(q, k, v, allowed, scale, dtype):
     g = q.shape[3]
-    qf, mask = _fold(q).astype(dtype), _fold_mask(allowed, g)
+    qf, mask = _fold(q).astype(dtype), _fold_mask(allowed, g, q.shape[1])
     o, p = _forward(qf, k, v, mask, scale, dtype)
     # rows with nothing allowed: their (uniform) probabilities do not depend on q, k
     row_ok = jnp.any(mask, axis=-1, keepdims=True)
@@ -247,9 +249,22 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arr
     as masked). Causal attention in blocks of ``T / n`` queries scores ``(n + 1) / (2 n)`` of the
     ``T x S`` square (62.5% for ``n = 4``); the products and softmax passes shrink alike. A query row
     with nothing allowed averages ``v`` over all ``S`` keys, as :func:`attention_core` does.
+    The blocks' key / value gradients are summed in float32 and stored once before one transpose
+    (:func:`efficient_arch.ops.scan.materialize_on_cpu`): a NaN in the first element of that sum
+    makes the whole ``dk`` (or ``dv``) NaN, every batch row included. ``scale`` must be a Python
+    float (a static argument of the custom VJPs).
+
+    Raises:
+      ValueError: ``ranges`` do not partition the queries ``[0, T)`` in order, or a key range is
+        not within ``[0, S)`` and non-empty.
     """
     b, t = q.shape[:2]
     s = k.shape[1]
+    ends = [r[1] for r in ranges]
+    if (not ranges or ranges[0][0] != 0 or ends[-1] != t or any(r[0] != e for r, e in zip(ranges[1:], ends))
+            or any(not (r[0] < r[1] and 0 <= r[2] < r[3] <= s) for r in ranges)):
+        raise ValueError(f"blocked_attention: ranges must be (q0, q1, k0, k1) blocks partitioning the "
+                         f"queries [0, {t}) in order with 0 <= k0 < k1 <= {s} (see key_ranges); got {ranges}")
     allowed = _as_5d(allowed)
     if len(ranges) == 1 and ranges[0] == (0, t, 0, s):
         return attention_core(q, k, v, allowed, scale, dtype)
