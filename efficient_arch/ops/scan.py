@@ -3,6 +3,11 @@
 XLA's cost analysis counts a ``while`` body once whatever its trip count. Training lowers these
 loops rolled (fast compiles); :func:`efficient_arch.flops.xla_flops_per_step` lowers small
 variants of the step inside :func:`unrolled` so every chunk / time step is counted.
+
+Also the loops' backward-pass storage on XLA:CPU: :func:`int_residuals` keeps a differentiated
+scan body's bfloat16 residuals as ``uint16`` (stacked in place) and :func:`materialize_on_cpu`
+stores an array once where XLA would fuse its producer into every consumer (benchmarks/NOTES.md,
+session 8).
 """
 
 from __future__ import annotations
