@@ -81,12 +81,6 @@ def materialize_on_cpu(a: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(a, cpu=stored, default=lambda a: a)
 
 
-# residual dtype -> the same-width integer dtype it is stored as (float16 is left alone: XLA:CPU
-# updates it in place)
-_RESIDUAL_INT = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16)}
-_RESIDUAL_FLOAT = {v: k for k, v in _RESIDUAL_INT.items()}
-
-
 def int_residuals(f, *, store_float32: bool = False):
     """``f`` with the same values and gradients, its bfloat16 VJP residuals kept as ``uint16``.
 
@@ -135,15 +129,16 @@ def int_residuals(f, *, store_float32: bool = False):
         return f(*args)
 
     def pack(r):
-        if r.dtype in _RESIDUAL_FLOAT:
+        if r.dtype == jnp.uint16:
             raise TypeError(f"int_residuals: {f} keeps a {r.dtype} residual of shape {r.shape}; "
                             "uint16 residuals cannot be told apart from packed bfloat16 ones; "
                             "do not wrap this function")
-        return jax.lax.bitcast_convert_type(r, _RESIDUAL_INT[r.dtype]) if r.dtype in _RESIDUAL_INT else r
+        # float16 is left alone: XLA:CPU updates it in place
+        return jax.lax.bitcast_convert_type(r, jnp.uint16) if r.dtype == jnp.bfloat16 else r
 
     def unpack(r):
-        if r.dtype in _RESIDUAL_FLOAT:
-            return materialize_on_cpu(jax.lax.bitcast_convert_type(r, _RESIDUAL_FLOAT[r.dtype]))
+        if r.dtype == jnp.uint16:
+            return materialize_on_cpu(jax.lax.bitcast_convert_type(r, jnp.bfloat16))
         return materialize_on_cpu(r) if store_float32 and r.dtype == jnp.float32 else r
 
     def fwd(*args):
