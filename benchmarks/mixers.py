@@ -352,12 +352,11 @@ def _core_inputs(mixer: str, mcfg, batch: int):
     j = lambda a: None if a is None else jnp.asarray(a, jnp.float32)  # noqa: E731
     if mixer == "linear_attention":
         kf = feature_dim(mcfg.feature_map, mcfg.feature_dim if mcfg.feature_map == "taylor" else hd)
-        vd = hd + int(bool(mcfg.normalize))
-        return "gla", dict(q=j(np.abs(n(b, t, h, kf))), k=j(np.abs(n(b, t, h, kf))), v=j(n(b, t, h, vd)), g=None)
+        return "gla", dict(q=j(np.abs(n(b, t, h, kf))), k=j(np.abs(n(b, t, h, kf))), v=j(n(b, t, h, hd)), g=None)
     if mixer == "based":
         f = mcfg.feature_dim
         kf = 1 + f + f * f
-        return "gla", dict(q=j(n(b, t, h, kf)), k=j(n(b, t, h, kf)), v=j(n(b, t, h, hd + 1)), g=None)
+        return "gla", dict(q=j(n(b, t, h, kf)), k=j(n(b, t, h, kf)), v=j(n(b, t, h, hd)), g=None)
     if mixer == "retnet":
         g = np.broadcast_to(np.log1p(-(2.0 ** (-5.0 - np.arange(h)))), (b, t, h))
         return "gla", dict(q=j(n(b, t, h, hd)), k=j(n(b, t, h, hd)), v=j(n(b, t, h, hd)), g=j(g))
@@ -379,6 +378,11 @@ def _core_inputs(mixer: str, mcfg, batch: int):
     return None
 
 
+def _core_normalized(mixer: str, mcfg) -> bool:
+    """Whether the mixer calls its core op with ``normalize=True`` (normalised linear attention)."""
+    return mixer == "based" or (mixer == "linear_attention" and bool(mcfg.normalize))
+
+
 def _core_kind(mixer: str) -> str | None:
     if mixer in ("linear_attention", "based", "retnet", "gla", "mamba2"):
         return "gla"
@@ -387,13 +391,13 @@ def _core_kind(mixer: str) -> str | None:
     return None
 
 
-def _core_step(kind: str, chunk: int):
+def _core_step(kind: str, chunk: int, normalize: bool = False):
     from efficient_arch.ops.delta_rule import delta_rule
     from efficient_arch.ops.linear_recurrence import gated_linear_attention
 
     if kind == "gla":
         def loss(q, k, v, g, r):
-            o, _ = gated_linear_attention(q, k, v, g, form="chunked", chunk_size=chunk)
+            o, _ = gated_linear_attention(q, k, v, g, form="chunked", chunk_size=chunk, normalize=normalize)
             return jnp.sum(o * r)
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
 
@@ -468,7 +472,8 @@ def breakdown(mixer: str, row: dict, sizes: dict, args, peak: float, bandwidth: 
     try:
         core_args = tuple(arrs[k] for k in (("q", "k", "v", "g") if kind == "gla" else ("q", "k", "v", "beta", "g")))
         r = randn(arrs["v"].shape, seed=3)
-        core_s, core_comp, core_cost = _time_fn(_core_step(kind, mcfg.chunk_size), core_args + (r,), args.runs)
+        norm = _core_normalized(mixer, mcfg)
+        core_s, core_comp, core_cost = _time_fn(_core_step(kind, mcfg.chunk_size, norm), core_args + (r,), args.runs)
         skel_fn, skel_args, skel_fwd = _skeleton(kind, {k: a.shape for k, a in arrs.items() if a is not None},
                                                  mcfg.chunk_size)
         skel_s, _, skel_cost = _time_fn(skel_fn, skel_args, args.runs)
@@ -486,7 +491,8 @@ def breakdown(mixer: str, row: dict, sizes: dict, args, peak: float, bandwidth: 
     if kind == "gla":
         vec = arrs["g"] is not None and arrs["g"].ndim == 4
         fwd_core = flops_gated_linear_attention(t, hh, kd, vd, form="chunked", chunk_size=mcfg.chunk_size,
-                                                vector_decay=vec, has_decay=arrs["g"] is not None)
+                                                vector_decay=vec, has_decay=arrs["g"] is not None,
+                                                normalize=_core_normalized(mixer, mcfg))
     else:
         fwd_core = flops_delta_rule(t, hh, kd, vd, form="chunked", chunk_size=mcfg.chunk_size,
                                     gated=arrs["g"] is not None)

@@ -29,7 +29,7 @@ def inputs(seed, t=T, decay="vector", strength=1.0, k_dim=K, v_dim=V):
     return q, k, v, g
 
 
-_gla = jax.jit(gated_linear_attention, static_argnames=("form", "chunk_size"))
+_gla = jax.jit(gated_linear_attention, static_argnames=("form", "chunk_size", "normalize"))
 
 
 def run(q, k, v, g, form, chunk_size=4, dtype=jnp.float64, **kw):
@@ -240,6 +240,60 @@ def test_gla_step_repeated_equals_recurrent(decay):
         assert_close(s, ref_s, 1e-12, "decode state")
 
 
+@pytest.mark.parametrize("decay", ["none", "scalar", "vector"])
+def test_normalize_equals_the_ones_column_definition_float64(decay):
+    """``normalize=True`` == running ``[v, 1]`` and dividing by the last output column (+ eps):
+    outputs, the final state (z last) and gradients wrt q, k, v, log_decay and the initial state,
+    for every form (chunked C = 4 and 16 pad T = 13), with segment resets, float64; the decode
+    step likewise. Positive features keep the denominator away from 0."""
+    with jax.enable_x64(True):
+        q, k, v, g = inputs(11, decay=decay)
+        q, k = np.abs(q) + 0.1, np.abs(k) + 0.1
+        rng = np.random.default_rng(12)
+        s0 = np.abs(rng.standard_normal((B, H, K, V + 1)))
+        seg = jnp.asarray(np.repeat([[0] * 5 + [1] * 8], B, 0))
+        ro, rs = rng.standard_normal((B, T, H, V)), rng.standard_normal((B, H, K, V + 1))
+        eps = 0.05
+        ones = lambda x: jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+
+        def loss(form, c, normalize, with_s0):
+            def f(q_, k_, v_, g_, s0_):
+                kw = dict(segment_ids=seg, form=form, chunk_size=c, initial_state=s0_ if with_s0 else None)
+                if normalize:
+                    o, s = gated_linear_attention(q_, k_, v_, g_, normalize=True, eps=eps, **kw)
+                else:
+                    o1, s = gated_linear_attention(q_, k_, ones(v_), g_, **kw)
+                    o = o1[..., :-1] / (o1[..., -1:] + eps)
+                return jnp.sum(o * ro) + jnp.sum(s * rs), (o, s)
+            return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+        args = [jnp.asarray(x) for x in (q, k, v, g if g is not None else np.zeros((B, T, H)), s0)]
+        if g is None:
+            args[3] = None
+        for form, c, with_s0 in [("recurrent", 1, True), ("chunked", 4, True), ("chunked", 16, False),
+                                 ("quadratic", 1, False)]:
+            (ref_val, (ref_o, ref_s)), ref_grads = loss("recurrent", 1, False, with_s0)(*args)
+            (val, (o, s)), grads = loss(form, c, True, with_s0)(*args)
+            assert o.shape == (B, T, H, V) and s.shape == (B, H, K, V + 1)
+            assert_close(o, ref_o, 1e-10, f"{form} C={c} output")
+            assert_close(s, ref_s, 1e-10, f"{form} C={c} state")
+            for name, gr, rg in zip(("q", "k", "v", "log_decay", "initial_state"), grads, ref_grads):
+                if rg is None or (name == "initial_state" and not with_s0):
+                    continue
+                assert np.abs(np.asarray(rg)).max() > 1e-3
+                assert_close(gr, rg, 1e-9, f"{form} C={c} grad {name}")
+        # the decode step: normalised, with the [K, V + 1] state
+        st, st1 = jnp.asarray(s0), jnp.asarray(s0)
+        for t in range(3):
+            gt = None if g is None else g[:, t]
+            o, st = gla_step(q[:, t], k[:, t], v[:, t], gt, st, normalize=True, eps=eps)
+            o1, st1 = gla_step(q[:, t], k[:, t], ones(jnp.asarray(v[:, t])), gt, st1)
+            assert_close(o, o1[..., :-1] / (o1[..., -1:] + eps), 1e-12, f"decode output {t}")
+            assert_close(st, st1, 1e-12, f"decode state {t}")
+        with pytest.raises(ValueError, match=r"V \+ 1"):
+            run(q, k, v, g, "chunked", initial_state=jnp.asarray(s0[..., :V]), normalize=True)
+
+
 def test_errors_name_the_problem():
     q, k, v, g = inputs(0, decay="scalar")
     with pytest.raises(ValueError, match="form"):
@@ -264,6 +318,10 @@ def test_flops_formula_values():
     # T = 100, C = 64: two chunks (128 padded tokens) executed for 100 tokens
     g = flops_gated_linear_attention(100, 1, 16, 8, form="chunked", chunk_size=64)
     assert g == pytest.approx(128 / 100 * (2 * 64 * 24 + 4 * 16 * 8))
+    # normalize: the chunked form adds 2 K (q . z_prev); the others run V + 1 columns
+    assert f("chunked", chunk_size=64, normalize=True) == f("chunked", chunk_size=64) + 2 * 2 * 16
+    n = lambda form: flops_gated_linear_attention(128, 2, 16, 9, form=form)
+    assert f("recurrent", normalize=True) == n("recurrent") and f("quadratic", normalize=True) == n("quadratic")
     with pytest.raises(ValueError, match="form"):
         f("parallel")
 

@@ -89,7 +89,7 @@ def _segment_counter(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array
     return _cumsum(reset.astype(jnp.int32), axis=1)
 
 
-def _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size):
+def _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, normalize=False):
     if form not in FORMS:
         raise ValueError(f"form={form!r}: choose one of {FORMS}")
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
@@ -101,9 +101,10 @@ def _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size):
                          f"got {log_decay.shape}")
     if segment_ids is not None and segment_ids.shape != (b, t):
         raise ValueError(f"segment_ids must be [B, T] = {(b, t)}; got {segment_ids.shape}")
-    if initial_state is not None and initial_state.shape != (b, h, kd, v.shape[-1]):
-        raise ValueError(f"initial_state must be [B, H, K, V] = {(b, h, kd, v.shape[-1])}; got "
-                         f"{initial_state.shape}")
+    vs = v.shape[-1] + bool(normalize)
+    if initial_state is not None and initial_state.shape != (b, h, kd, vs):
+        what = "[B, H, K, V + 1] (normalize=True: the last column is z)" if normalize else "[B, H, K, V]"
+        raise ValueError(f"initial_state must be {what} = {(b, h, kd, vs)}; got {initial_state.shape}")
     if form == "quadratic" and initial_state is not None:
         raise ValueError("form='quadratic' does not take an initial_state; use 'chunked' or 'recurrent'")
     if form == "chunked" and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -115,8 +116,9 @@ def _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size):
 
 def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | None = None, *,
                            segment_ids: jax.Array | None = None, initial_state: jax.Array | None = None,
-                           form: str = "chunked", chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
-    """Causal gated linear attention, recurrence (1) of the module docstring.
+                           form: str = "chunked", chunk_size: int = 64, normalize: bool = False,
+                           eps: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Causal gated linear attention, recurrence (1) of the module docstring, optionally normalised.
 
     Args:
       q, k: ``[B, T, H, K]``, any float dtype (the compute dtype of the matmul operands).
@@ -133,11 +135,22 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
         ``ops.scan.scan(store_residuals=True)``; no second derivatives in bfloat16).
       chunk_size: ``C`` of the chunked form; ``T`` need not be a multiple (padding with
         ``k = v = 0, g = 0``, which leaves outputs and the final state unchanged).
+      normalize: normalised (kernel) linear attention, Katharopoulos et al. 2020 eq. 2 / 9:
+        ``o_t = q_t S_t / (q_t z_t + eps)`` with ``z_t = diag(exp(g_t)) z_{t-1} + k_t`` ``[K]``,
+        i.e. recurrence (1) run on ``v`` with a ones column appended, whose output column is the
+        denominator. The chunked form computes ``z`` apart (intra-chunk: row sums of the masked
+        scores; inter-chunk: ``q z_prev``), so its matmuls keep the width ``V`` (a ``V + 1`` = 65
+        wide operand ran XLA:CPU's batched dots up to 2.4x slower than 64: benchmarks/NOTES.md);
+        the recurrent and quadratic forms append the column. The state carries ``z`` as its last
+        column: ``initial_state`` / ``final_state`` ``[B, H, K, V + 1]``.
+      eps: added to the denominator when ``normalize`` (0: none; the caller's feature map must
+        keep ``q_t z_t`` away from 0).
 
     Returns:
       ``(o, final_state)``: ``o`` ``[B, T, H, V]`` in ``q.dtype`` with ``o_t = q_t S_t`` (the
-      current token included); ``final_state`` ``S_T`` ``[B, H, K, V]`` float32 (float64 for
-      float64 inputs).
+      current token included; divided by ``q_t z_t + eps`` in float32 when ``normalize``);
+      ``final_state`` ``S_T`` ``[B, H, K, V]`` (``[B, H, K, V + 1]``, ``z_T`` last, when
+      ``normalize``) float32 (float64 for float64 inputs).
 
     FLOPs: see :func:`flops_gated_linear_attention`.
 
@@ -145,9 +158,11 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
       ValueError: unknown form, inconsistent shapes, ``initial_state`` with ``form="quadratic"``,
         or a non-positive ``chunk_size``.
     """
-    _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size)
+    _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, normalize)
+    if normalize and form != "chunked":  # the definition: a ones column whose output is q_t z_t
+        v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
     bsz, t, h, kd = q.shape
-    vd = v.shape[-1]
+    vd = v.shape[-1] + (normalize and form == "chunked")
     acc = _acc_dtype(q.dtype)
     g = None
     if log_decay is not None:
@@ -161,21 +176,28 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
     elif form == "quadratic":
         o, s = _quadratic(q, k, v, g, cnt, acc)
     else:
-        o, s = _chunked(q, k, v, g, cnt, s0, chunk_size, acc)
+        o, s = _chunked(q, k, v, g, cnt, s0, chunk_size, acc, normalize, eps)
+    if normalize and form != "chunked":
+        o = o[..., :-1] / (o[..., -1:] + eps)
     return o.astype(q.dtype), s
 
 
 def gla_step(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | None,
-             state: jax.Array) -> tuple[jax.Array, jax.Array]:
+             state: jax.Array, *, normalize: bool = False, eps: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """One decode token of recurrence (1): ``S = diag(exp(g)) S + k^T v``; ``o = q S``.
 
     Args:
       q, k: ``[B, H, K]``; v: ``[B, H, V]``; log_decay: None, ``[B, H]`` or ``[B, H, K]``.
-      state: ``[B, H, K, V]`` float32 (the state after the previous token).
+      state: ``[B, H, K, V]`` float32 (the state after the previous token); ``[B, H, K, V + 1]``
+        with ``normalize`` (``z`` last, as :func:`gated_linear_attention` returns it).
+      normalize, eps: ``o = q S / (q z + eps)`` as in :func:`gated_linear_attention`.
     Returns:
-      ``(o [B, H, V] in q.dtype, state [B, H, K, V] float32)``. FLOPs per head: ``(5 + decay) K V``
-      as in :func:`flops_gated_linear_attention` ``form="recurrent"``.
+      ``(o [B, H, V] in q.dtype, state float32 of the input state's shape)``. FLOPs per head:
+      ``(5 + decay) K V`` (``V + 1`` with ``normalize``) as in :func:`flops_gated_linear_attention`
+      ``form="recurrent"``.
     """
+    if normalize:
+        v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
     acc = _acc_dtype(q.dtype)
     s = state.astype(acc)
     if log_decay is not None:
@@ -184,12 +206,14 @@ def gla_step(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | No
         s = jnp.exp(gg) * s
     s = s + jnp.einsum("bhk,bhv->bhkv", k.astype(acc), v.astype(acc))
     o = jnp.einsum("bhk,bhkv->bhv", q.astype(acc), s)
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + eps)
     return o.astype(q.dtype), s
 
 
 def flops_gated_linear_attention(seq_len: int, n_heads: int, k_dim: int, v_dim: int, *, form: str,
                                  chunk_size: int = 64, vector_decay: bool = False,
-                                 has_decay: bool = True) -> float:
+                                 has_decay: bool = True, normalize: bool = False) -> float:
     """Forward FLOPs per token of :func:`gated_linear_attention` as executed.
 
     With ``H`` heads, key dim ``K``, value dim ``V``, chunk ``C`` (the op uses ``C_eff = min(C, T)``
@@ -206,6 +230,9 @@ def flops_gated_linear_attention(seq_len: int, n_heads: int, k_dim: int, v_dim: 
       (``2 C_p K``), i.e. ``C_p (C_p + 1) K / C_eff`` per token.
     * ``quadratic``: ``H * 2 T (K + V)`` (the full ``T x T`` square is executed; with a vector
       decay the ``T x T x K`` scores are elementwise and XLA counts ~3x this for them).
+    * ``normalize``: the recurrent and quadratic forms run ``V + 1`` columns (the ones column);
+      the chunked form adds ``2 K`` per head for the inter-chunk denominator ``q~ . z_prev`` (its
+      intra-chunk part, row sums of the scores, and the ``z`` update are elementwise).
 
     Not counted in the chunked / quadratic forms: decay exponentials, masks, cumsums and the
     elementwise decay scaling (``O(C)`` per token and head for a scalar decay, ``O(K log C)`` for a
@@ -217,6 +244,8 @@ def flops_gated_linear_attention(seq_len: int, n_heads: int, k_dim: int, v_dim: 
     """
     if form not in FORMS:
         raise ValueError(f"form={form!r}: choose one of {FORMS}")
+    if normalize and form != "chunked":
+        v_dim += 1
     if form == "recurrent":
         per_head = (5.0 + bool(has_decay)) * k_dim * v_dim
     elif form == "quadratic":
@@ -229,6 +258,7 @@ def flops_gated_linear_attention(seq_len: int, n_heads: int, k_dim: int, v_dim: 
             per_head = 2.0 * c * v_dim + cp * (cp + 1) * k_dim / c + 4.0 * k_dim * v_dim
         else:
             per_head = 2.0 * c * (k_dim + v_dim) + 4.0 * k_dim * v_dim
+        per_head += 2.0 * k_dim * bool(normalize)
         per_head *= pad
     return n_heads * per_head
 
@@ -285,11 +315,16 @@ def _quadratic(q, k, v, g, cnt, acc):
     return o, s
 
 
-def _chunked(q, k, v, g, cnt, s0, chunk, acc):
-    """Intra-chunk quadratic + inter-chunk state passing (module docstring)."""
+def _chunked(q, k, v, g, cnt, s0, chunk, acc, normalize=False, eps=0.0):
+    """Intra-chunk quadratic + inter-chunk state passing (module docstring). ``normalize``:
+    ``s0`` is ``[B, H, K, V + 1]`` (``z`` last), the output is divided by the denominator ``q z``
+    (intra-chunk: row sums of the masked, decayed scores; inter-chunk: ``q~ z_prev``, with ``z``
+    passed by the same scan as the state), and the final state carries ``z`` last."""
     dt = q.dtype
     bsz, t, h, kd = q.shape
     vd = v.shape[-1]
+    if normalize:
+        s0, z0 = s0[..., :-1], s0[..., -1]
     c = min(chunk, t)  # a chunk longer than the sequence would only add padding
     n = -(-t // c)
     pad = n * c - t
@@ -339,14 +374,28 @@ def _chunked(q, k, v, g, cnt, s0, chunk, acc):
         d, un = x
         return d * s + un, s
 
+    def step_z(sz, x):  # normalize: z follows the same recurrence on the chunk sums of kd
+        (s, z), (d, un, uz) = sz, x
+        return (d * s + un, d[..., 0] * z + uz), sz
+
     # GLA's per-key decay: its backward reads each chunk's residuals stored once (ops/scan.py;
     # GLA layer at T = 2048 1.04-1.08x in separate processes; scalar decays measured 0.8-1.0x)
     vector_decay = g is not None and g.shape[-1] > 1
-    s, s_prev = _scan.scan(step, s0, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(u, 1, 0)),
-                           store_residuals=vector_decay)
+    xs = (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(u, 1, 0))
+    if normalize:
+        xs = xs + (jnp.moveaxis(jnp.sum(kd.astype(acc), axis=2), 1, 0),)  # [N, B, H, K]
+        (s, z), (s_prev, z_prev) = _scan.scan(step_z, (s0, z0), xs, store_residuals=vector_decay)
+    else:
+        s, s_prev = _scan.scan(step, s0, xs, store_residuals=vector_decay)
     s_prev = jnp.moveaxis(s_prev, 0, 1)  # [B, N, H, K, V]: state before each chunk
     o = o + _mm("bnihk,bnhkv->bnihv", qd, s_prev, dt, acc)
     o = o.reshape(bsz, n * c, h, vd)[:, :t]
+    if normalize:
+        den = jnp.moveaxis(jnp.sum(a, axis=-1), 2, 3)  # [B, N, Ci, H]: intra-chunk q_i . z
+        den = den + jnp.einsum("bnihk,bnhk->bnih", qd.astype(acc), jnp.moveaxis(z_prev, 0, 1))
+        den = den.reshape(bsz, n * c, h)[:, :t, :, None]  # padded rows dropped before dividing (0 / 0)
+        o = o / (den + eps)
+        s = jnp.concatenate([s, z[..., None]], axis=-1)
     return o, s
 
 

@@ -12,8 +12,8 @@ Per head ``h`` with a small feature dimension ``F = cfg.feature_dim`` for querie
     y_t = phi(q_t) sum_{s<=t} phi(k_s)^T v_s  /  phi(q_t) sum_{s<=t} phi(k_s)^T      (normalised)
     out = y W_o
 
-The numerator and the normaliser are one call of the gated linear attention op (no decay): a
-column of ones is appended to ``v`` so the state's last column accumulates ``sum phi(k)``. Since
+The numerator and the normaliser are one call of the gated linear attention op (no decay,
+``normalize=True``: the state's last column accumulates ``z = sum phi(k)``). Since
 ``1 + s + s^2/2 >= 1/2`` the normaliser is ``>= 1/2`` times the number of visible keys: no
 division blow-up. ``cfg.mixer_form`` picks the chunked / recurrent / quadratic form of the op.
 
@@ -60,18 +60,16 @@ class Based(nnx.Module):
                         std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
     def _features(self, x):
-        """``x [..., d]`` -> ``phi(q), phi(k) [..., H, 1+F+F^2]`` and ``[v, 1] [..., H, hd+1]``."""
+        """``x [..., d]`` -> ``phi(q), phi(k) [..., H, 1+F+F^2]`` and ``v [..., H, hd]``."""
         qk = matmul("...d,dchf->...chf", x, self.wqk[...], self.dtype)
         v = matmul("...d,dhk->...hk", x, self.wv[...], self.dtype)
         fq = taylor_feature_map(qk[..., 0, :, :])
         fk = taylor_feature_map(qk[..., 1, :, :])
-        v1 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-        return fq, fk, v1
+        return fq, fk, v
 
-    def _output(self, o1):
-        o1 = o1.astype(jnp.float32)
-        o = o1[..., :-1] / o1[..., -1:]  # normaliser >= 1/2 (see module docstring)
-        return matmul("...hk,hkd->...d", o.astype(self.dtype), self.wo[...], self.dtype)
+    def _output(self, o):
+        """The op's normalised output (denominator ``>= 1/2``: module docstring) projected."""
+        return matmul("...hk,hkd->...d", o, self.wo[...], self.dtype)
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
@@ -84,12 +82,12 @@ class Based(nnx.Module):
           ``[B, T, d_model]`` in the compute dtype.
         """
         del positions
-        fq, fk, v1 = self._features(x)
+        fq, fk, v = self._features(x)
         fq = parallel.constrain(fq, ("batch", "seq", "act_heads", None))
         fk = parallel.constrain(fk, ("batch", "seq", "act_heads", None))
-        o1, _ = gated_linear_attention(fq, fk, v1, None, segment_ids=segment_ids, form=self.form,
-                                       chunk_size=self.chunk_size)
-        return self._output(o1)
+        o, _ = gated_linear_attention(fq, fk, v, None, segment_ids=segment_ids, form=self.form,
+                                      chunk_size=self.chunk_size, normalize=True)
+        return self._output(o)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
         """Constant-size state ``{"state": [B, H, 1+F+F^2, head_dim+1]}`` float32 (the last
@@ -104,9 +102,9 @@ class Based(nnx.Module):
         FLOPs: projections + ``4 H (1+F+F^2)(head_dim+1)`` (state update and read-out).
         """
         del position
-        fq, fk, v1 = self._features(x[:, 0])
-        o1, s = gla_step(fq, fk, v1, None, cache["state"])
-        return self._output(o1)[:, None], {"state": s}
+        fq, fk, v = self._features(x[:, 0])
+        o, s = gla_step(fq, fk, v, None, cache["state"], normalize=True)
+        return self._output(o)[:, None], {"state": s}
 
     def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """The prompt in the chunked form, returning the recurrent state for decoding.
@@ -120,20 +118,21 @@ class Based(nnx.Module):
           :func:`~efficient_arch.ops.linear_recurrence.gated_linear_attention` call,
           ``form="chunked"`` with ``cfg.chunk_size``.
         """
-        fq, fk, v1 = self._features(x)
-        o1, s = gated_linear_attention(fq, fk, v1, None, initial_state=cache["state"], form="chunked",
-                                       chunk_size=self.chunk_size)
-        return self._output(o1), {"state": s}
+        fq, fk, v = self._features(x)
+        o, s = gated_linear_attention(fq, fk, v, None, initial_state=cache["state"], form="chunked",
+                                      chunk_size=self.chunk_size, normalize=True)
+        return self._output(o), {"state": s}
 
     @staticmethod
     def flops_per_token(cfg, seq_len: int, *, attention: str = "causal") -> float:
         """Forward FLOPs per token of the form ``cfg.mixer_form`` executes.
 
-        ``K = 1 + F + F^2`` (Taylor features), ``V = head_dim + 1`` (values + normaliser)::
+        ``K = 1 + F + F^2`` (Taylor features), ``V = head_dim``, normalised::
 
             projections   2 d H (2F + head_dim) + 2 H head_dim d
-            linear attn   flops_gated_linear_attention(T, H, K, V, form, chunk_size)
-                            chunked: H [2 C (K + V) + 4 K V]; recurrent 4 H K V; quadratic 2 H T (K + V)
+            linear attn   flops_gated_linear_attention(T, H, K, V, form, chunk_size, normalize=True)
+                            chunked: H [2 C (K + V) + 4 K V + 2 K]; recurrent 5 H K (V + 1);
+                            quadratic 2 H T (K + V + 1)
 
         The feature map (``F^2`` multiplies per head for q and k) and the normalising division
         are elementwise and not counted. ``attention`` does not apply and is only validated.
@@ -145,6 +144,7 @@ class Based(nnx.Module):
             raise ValueError(f"attention convention {attention!r}: choose 'causal', 'full' or 'executed'")
         d, h, hd, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.feature_dim
         proj = 2.0 * d * h * (2 * f + hd) + 2.0 * h * hd * d
-        la = flops_gated_linear_attention(seq_len, h, 1 + f + f * f, hd + 1, form=cfg.mixer_form,
-                                          chunk_size=cfg.chunk_size, vector_decay=False, has_decay=False)
+        la = flops_gated_linear_attention(seq_len, h, 1 + f + f * f, hd, form=cfg.mixer_form,
+                                          chunk_size=cfg.chunk_size, vector_decay=False, has_decay=False,
+                                          normalize=True)
         return proj + la

@@ -12,8 +12,8 @@ Without normalization q is scaled by ``f^(-1/2)`` (Taylor already includes its `
 with it the scale cancels. Note: ``identity`` with ``normalize=True`` has a denominator of either
 sign and can be unstable; ``elu`` and ``taylor`` features give a positive denominator.
 
-The denominator uses the same op as the numerator: v is extended by a ones column, so the op's
-state is ``[K_f, head_dim + 1]`` and its last column is ``z``. The recurrence is
+The denominator comes from the same op as the numerator (``normalize=True``): the op's state is
+``[K_f, head_dim + 1]`` and its last column is ``z``. The recurrence is
 :func:`efficient_arch.ops.linear_recurrence.gated_linear_attention` with no decay, in the form
 ``cfg.mixer_form`` (chunk ``cfg.chunk_size``).
 """
@@ -59,27 +59,26 @@ class LinearAttention(nnx.Module):
                         std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
     def _qkv(self, x):
-        """x ``[B, T, D]`` -> featurised q, k ``[B, T, H, K_f]``, v ``[B, T, H, hd (+1)]``."""
+        """x ``[B, T, D]`` -> featurised q, k ``[B, T, H, K_f]``, v ``[B, T, H, hd]``."""
         qk = matmul("btd,dchf->btchf", x, self.wqk[...], self.dtype)
         q = feature_map(self.feature_map, qk[:, :, 0])
         k = feature_map(self.feature_map, qk[:, :, 1])
         if not self.normalize and self.feature_map != "taylor":
             q = (q.astype(jnp.float32) * self.qk_dim ** -0.5).astype(self.dtype)
         v = matmul("btd,dhk->bthk", x, self.wv[...], self.dtype)
-        if self.normalize:
-            v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
         q = parallel.constrain(q, ("batch", "seq", "act_heads", None))
         k = parallel.constrain(k, ("batch", "seq", "act_heads", None))
         v = parallel.constrain(v, ("batch", "seq", "act_heads", None))
         return q, k, v
 
     def _out(self, o):
-        """Op output ``[B, T, H, hd (+1)]`` -> ``[B, T, D]`` (normalised, projected)."""
-        if self.normalize:
-            of = o.astype(jnp.float32)
-            o = of[..., :-1] / (of[..., -1:] + EPS)
+        """Op output ``[B, T, H, hd]`` (normalised by the op) -> ``[B, T, D]``."""
         o = parallel.constrain(o.astype(self.dtype), ("batch", "seq", "act_heads", None))
         return matmul("bthk,hkd->btd", o, self.wo[...], self.dtype)
+
+    def _norm(self) -> dict:
+        """The op's normalisation arguments: ``o = phi_q S / (phi_q . z + EPS)`` or none."""
+        return {"normalize": True, "eps": EPS} if self.normalize else {}
 
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
@@ -88,7 +87,7 @@ class LinearAttention(nnx.Module):
         del positions
         q, k, v = self._qkv(x)
         o, _ = gated_linear_attention(q, k, v, None, segment_ids=segment_ids, form=self.form,
-                                      chunk_size=self.chunk_size)
+                                      chunk_size=self.chunk_size, **self._norm())
         return self._out(o)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
@@ -101,7 +100,7 @@ class LinearAttention(nnx.Module):
         """One token: ``x`` ``[B, 1, d_model]`` -> ``(y [B, 1, d_model], cache)``."""
         del position
         q, k, v = self._qkv(x)
-        o, s = gla_step(q[:, 0], k[:, 0], v[:, 0], None, cache["state"])
+        o, s = gla_step(q[:, 0], k[:, 0], v[:, 0], None, cache["state"], **self._norm())
         return self._out(o[:, None]), {"state": s}
 
     def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
@@ -118,7 +117,7 @@ class LinearAttention(nnx.Module):
         """
         q, k, v = self._qkv(x)
         o, s = gated_linear_attention(q, k, v, None, initial_state=cache["state"], form="chunked",
-                                      chunk_size=self.chunk_size)
+                                      chunk_size=self.chunk_size, **self._norm())
         return self._out(o), {"state": s}
 
     @staticmethod
@@ -127,15 +126,16 @@ class LinearAttention(nnx.Module):
 
         Projections ``2 d H (2 f + hd)`` (q, k, v) and ``2 H hd d`` (output), plus
         :func:`flops_gated_linear_attention` with key width ``K_f`` (``f``, or ``1 + f + f^2``
-        for the Taylor map) and value width ``hd + normalize``, in ``cfg.mixer_form``. Feature
-        maps and the normalising division are elementwise and not counted. ``attention`` is
+        for the Taylor map), value width ``hd`` and ``normalize=cfg.normalize``, in
+        ``cfg.mixer_form``. Feature maps and the normalising division are elementwise and not
+        counted. ``attention`` is
         unused (there is no softmax square).
         """
         del attention
         d, h, hd = cfg.d_model, cfg.n_heads, cfg.head_dim
         f = _qk_dim(cfg)
         proj = 2.0 * d * h * (2 * f + hd) + 2.0 * h * hd * d
-        core = flops_gated_linear_attention(seq_len, h, feature_dim(cfg.feature_map, f), hd + int(bool(cfg.normalize)),
-                                            form=cfg.mixer_form, chunk_size=cfg.chunk_size, vector_decay=False,
-                                            has_decay=False)
+        core = flops_gated_linear_attention(seq_len, h, feature_dim(cfg.feature_map, f), hd, form=cfg.mixer_form,
+                                            chunk_size=cfg.chunk_size, vector_decay=False, has_decay=False,
+                                            normalize=bool(cfg.normalize))
         return proj + core
