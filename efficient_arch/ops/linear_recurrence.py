@@ -333,41 +333,44 @@ def _chunked(q, k, v, g, cnt, s0, chunk, acc, normalize=False, eps=0.0):
         q, k, v = zpad(q), zpad(k), zpad(v)
         g = zpad(g) if g is not None else None
         cnt = jnp.pad(cnt, [(0, 0), (0, pad)], mode="edge")
-    ch = lambda x: x.reshape((bsz, n, c) + x.shape[2:])
-    q, k, v, cnt = ch(q), ch(k), ch(v), ch(cnt)  # [B, N, C, H, *]
+    # head-major chunks [B, N, H, C, *]: every product below is a batched matmul over (B, N, H)
+    # with contiguous [C, *] operands (one transpose of the inputs here and of the output at the end)
+    ch = lambda x: jnp.moveaxis(x.reshape((bsz, n, c) + x.shape[2:]), 3, 2)
+    q, k, v = ch(q), ch(k), ch(v)
+    cnt = cnt.reshape(bsz, n, c)
     cnt_prev = jnp.concatenate([jnp.zeros((bsz, 1), jnp.int32), cnt[:, :-1, -1]], axis=1)  # [B, N]
     cnt_last = cnt[:, :, -1]
     ii = jnp.arange(c)[:, None]
     jj = jnp.arange(c)[None, :]
-    same = (ii >= jj) & (cnt[:, :, :, None] == cnt[:, :, None, :])  # [B, N, Ci, Cj]
-    from_prev = (cnt == cnt_prev[:, :, None])[..., None, None]  # [B, N, C, 1, 1]
-    to_last = (cnt == cnt_last[:, :, None])[..., None, None]
+    same = ((ii >= jj) & (cnt[:, :, :, None] == cnt[:, :, None, :]))[:, :, None]  # [B, N, 1, Ci, Cj]
+    from_prev = (cnt == cnt_prev[:, :, None])[:, :, None, :, None]  # [B, N, 1, C, 1]
+    to_last = (cnt == cnt_last[:, :, None])[:, :, None, :, None]
     keep = (cnt_last == cnt_prev)[:, :, None, None]  # [B, N, 1, 1]: no reset inside the chunk
 
     if g is None:
-        a = _mm("bnihk,bnjhk->bnhij", q, k, dt, acc) * same[:, :, None]
+        a = _mm("bnhik,bnhjk->bnhij", q, k, dt, acc) * same
         qd = jnp.where(from_prev, q, 0)
         kd = jnp.where(to_last, k, 0)
         a_tot = jnp.ones((bsz, n, h, 1), acc)
     else:
-        b = _cumsum(ch(g), axis=2)  # [B, N, C, H, 1|K], chunk-local, <= 0
+        b = _cumsum(ch(g), axis=3)  # [B, N, H, C, 1|K], chunk-local, <= 0
         if pad:  # padded steps (g = 0) repeat the last real b exactly: the prefix sum's rounding
             # differs by position, and b_last would carry that ulp into every exp(b_last - b_j)
             r = c - pad
-            b = b.at[:, -1:, r:].set(jnp.broadcast_to(b[:, -1:, r - 1:r], b[:, -1:, r:].shape))
-        b_last = b[:, :, -1:]  # [B, N, 1, H, 1|K]
+            b = b.at[:, -1:, :, r:].set(jnp.broadcast_to(b[:, -1:, :, r - 1:r], b[:, -1:, :, r:].shape))
+        b_last = b[:, :, :, -1:]  # [B, N, H, 1, 1|K]
         qd = _masked_exp(b, from_prev) * q.astype(acc)
         kd = _masked_exp(b_last - b, to_last) * k.astype(acc)
-        a_tot = jnp.exp(b_last[:, :, 0])  # [B, N, H, 1|K]
+        a_tot = jnp.exp(b_last[:, :, :, 0])  # [B, N, H, 1|K]
         if g.shape[-1] == 1:
-            diff = jnp.moveaxis(b[:, :, :, None, :, 0] - b[:, :, None, :, :, 0], 4, 2)  # [B,N,H,Ci,Cj]
-            a = _mm("bnihk,bnjhk->bnhij", q, k, dt, acc) * _masked_exp(diff, same[:, :, None])
+            diff = b[..., :, None, 0] - b[..., None, :, 0]  # [B, N, H, Ci, Cj]
+            a = _mm("bnhik,bnhjk->bnhij", q, k, dt, acc) * _masked_exp(diff, same)
         else:
             a = _vector_scores(q, k, b, same, dt, acc)
-    o = _mm("bnhij,bnjhv->bnihv", a, v, dt, acc)
+    o = _mm("bnhij,bnhjv->bnhiv", a, v, dt, acc)
 
     # Inter-chunk: state contribution of each chunk, then a scan over chunks.
-    u = _mm("bnjhk,bnjhv->bnhkv", kd, v, dt, acc)  # [B, N, H, K, V]
+    u = _mm("bnhjk,bnhjv->bnhkv", kd, v, dt, acc)  # [B, N, H, K, V]
     decay = jnp.where(keep, a_tot, 0.0)[..., None]  # [B, N, H, 1|K, 1]
 
     def step(s, x):
@@ -383,17 +386,17 @@ def _chunked(q, k, v, g, cnt, s0, chunk, acc, normalize=False, eps=0.0):
     vector_decay = g is not None and g.shape[-1] > 1
     xs = (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(u, 1, 0))
     if normalize:
-        xs = xs + (jnp.moveaxis(jnp.sum(kd.astype(acc), axis=2), 1, 0),)  # [N, B, H, K]
+        xs = xs + (jnp.moveaxis(jnp.sum(kd.astype(acc), axis=3), 1, 0),)  # [N, B, H, K]
         (s, z), (s_prev, z_prev) = _scan.scan(step_z, (s0, z0), xs, store_residuals=vector_decay)
     else:
         s, s_prev = _scan.scan(step, s0, xs, store_residuals=vector_decay)
     s_prev = jnp.moveaxis(s_prev, 0, 1)  # [B, N, H, K, V]: state before each chunk
-    o = o + _mm("bnihk,bnhkv->bnihv", qd, s_prev, dt, acc)
-    o = o.reshape(bsz, n * c, h, vd)[:, :t]
+    o = o + _mm("bnhik,bnhkv->bnhiv", qd, s_prev, dt, acc)
+    o = jnp.moveaxis(o, 2, 3).reshape(bsz, n * c, h, vd)[:, :t]
     if normalize:
-        den = jnp.moveaxis(jnp.sum(a, axis=-1), 2, 3)  # [B, N, Ci, H]: intra-chunk q_i . z
-        den = den + jnp.einsum("bnihk,bnhk->bnih", qd.astype(acc), jnp.moveaxis(z_prev, 0, 1))
-        den = den.reshape(bsz, n * c, h)[:, :t, :, None]  # padded rows dropped before dividing (0 / 0)
+        den = jnp.sum(a, axis=-1)  # [B, N, H, Ci]: intra-chunk q_i . z
+        den = den + jnp.einsum("bnhik,bnhk->bnhi", qd.astype(acc), jnp.moveaxis(z_prev, 0, 1))
+        den = jnp.moveaxis(den, 2, 3).reshape(bsz, n * c, h)[:, :t, :, None]  # padded rows dropped (0 / 0)
         o = o / (den + eps)
         s = jnp.concatenate([s, z[..., None]], axis=-1)
     return o, s
@@ -413,14 +416,13 @@ def _vector_scores(q, k, b, same, dt, acc):
     tensor. A chunk length that is not a power of two is padded inside the chunk (zero ``q`` /
     ``k``, repeated ``b``).
 
-    q, k: ``[B, N, C, H, K]``; b: chunk-local cumsum ``[B, N, C, H, K]``; same: ``[B, N, C, C]``.
+    q, k: ``[B, N, H, C, K]``; b: chunk-local cumsum ``[B, N, H, C, K]``; same: ``[B, N, 1, C, C]``.
     Operands of the levels with halves of ``>= SUB_CHUNK`` tokens are cast to ``dt`` (e.g.
     bfloat16), the finer levels stay in ``acc``. Returns ``[B, N, H, C, C]`` in ``acc``.
     """
-    bsz, n, c, h, kd = q.shape
+    bsz, n, h, c, kd = q.shape
     cp = 1 << (c - 1).bit_length()  # chunk length padded to a power of two
-    to_heads = lambda x: jnp.moveaxis(x, 3, 2)  # [B, N, H, C, K]
-    q, k, b = to_heads(q.astype(acc)), to_heads(k.astype(acc)), to_heads(b)
+    q, k = q.astype(acc), k.astype(acc)
     if cp != c:
         pc = [(0, 0)] * 3 + [(0, cp - c), (0, 0)]
         q, k, b = jnp.pad(q, pc), jnp.pad(k, pc), jnp.pad(b, pc, mode="edge")
@@ -437,7 +439,7 @@ def _vector_scores(q, k, b, same, dt, acc):
         a = dots.join_block_pairs(a, low)  # [B, N, H, G, s, s]
         s *= 2
     a = a.reshape(bsz, n, h, cp, cp)[..., :c, :c]
-    return a * same[:, :, None]
+    return a * same
 
 
 # ----------------------------------------------------------------------------- feature maps
