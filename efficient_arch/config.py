@@ -30,6 +30,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 QUANT_MODES = ("none", "fp8")  # models/layers.py: matmul precision beyond the compute dtype
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # models/layers.py: attention_implementation
 ATTENTION_CONVENTIONS = ("causal", "full")
+# flops_per_token(attention=...): the config's conventions, plus the FLOPs the XLA form executes
+FLOP_ATTENTION_CONVENTIONS = ATTENTION_CONVENTIONS + ("executed",)
+
+
+def check_flop_attention(attention: str) -> None:
+    """Raise ValueError unless ``attention`` is one of :data:`FLOP_ATTENTION_CONVENTIONS` (the
+    ``attention=`` argument of every mixer's ``flops_per_token``)."""
+    if attention not in FLOP_ATTENTION_CONVENTIONS:
+        raise ValueError(f"attention convention {attention!r}: choose one of {FLOP_ATTENTION_CONVENTIONS}")
 TASK_SOURCES = ("mqar", "induction", "selective_copy")  # synthetic tasks (data/synthetic.py)
 DATA_SOURCES = ("stdlib", "text", "memmap") + TASK_SOURCES
 MESH_AXES = ("data", "fsdp", "tensor", "expert")

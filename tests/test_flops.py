@@ -210,3 +210,18 @@ def test_remat_recompute_terms(tiny_config, attention):
     # outputs and recomputes only the batched attention dots
     assert a_f["model_flops_per_step"] == a_n["model_flops_per_step"] == a_d["model_flops_per_step"]
     assert a_d["hardware_flops_per_step"] - a_n["hardware_flops_per_step"] == tokens * m.n_layers * attn_core
+
+
+def test_every_mixer_validates_the_attention_convention(tiny_config):
+    """Each registered mixer's ``flops_per_token`` accepts the three conventions and raises a
+    ValueError naming them for anything else (no silently ignored typo)."""
+    from efficient_arch.config import FLOP_ATTENTION_CONVENTIONS
+    from efficient_arch.models import registry
+
+    m = finalize(tiny_config()).model
+    for name in registry.mixer_names():
+        cls = registry.get_mixer(name)
+        for conv in FLOP_ATTENTION_CONVENTIONS:
+            assert cls.flops_per_token(m, m.seq_len, attention=conv) > 0, (name, conv)
+        with pytest.raises(ValueError, match="executed"):
+            cls.flops_per_token(m, m.seq_len, attention="casual")

@@ -400,3 +400,29 @@ def test_attention_core_fully_masked_row_passes_no_gradient_to_q_k():
     assert np.all(np.asarray(ours[0])[:, 1] == 0)  # row 1 is fully masked
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dot_product_attention_rejects_bad_shapes_by_name():
+    """Malformed inputs raise a ValueError that names the problem (not an index error from deep
+    inside): ranks, mismatched k / v / head_dim, n_heads % n_kv_heads, causal with T != S, a 2-D or
+    mis-sized mask, a bare-int or negative window; well-formed masks of each broadcast shape run."""
+    z = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+    q, k = z(2, 6, 4, 8), z(2, 6, 2, 8)
+    bad = [
+        (dict(q=z(6, 4, 8)), "must be \\[B, T\\|S, heads, head_dim\\]"),
+        (dict(k=z(2, 6, 2, 4)), "must match q"),
+        (dict(v=z(2, 5, 2, 8)), "must match q"),
+        (dict(k=z(2, 6, 3, 8), v=z(2, 6, 3, 8)), "not a multiple of n_kv_heads"),
+        (dict(k=z(2, 5, 2, 8), v=z(2, 5, 2, 8)), "is_causal needs T == S"),
+        (dict(mask=jnp.ones((6, 6), bool)), "mask\\[None, None\\]"),
+        (dict(mask=jnp.ones((2, 3, 6, 6), bool)), "mask must be bool"),
+        (dict(local_window_size=3), "two ints >= 0"),
+        (dict(local_window_size=(3, -1)), "two ints >= 0"),
+    ]
+    for kw, msg in bad:
+        args = dict(q=q, k=k, v=k) | kw
+        with pytest.raises(ValueError, match=msg):
+            dot_product_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+    for shape in [(1, 1, 1, 6), (2, 1, 6, 6), (2, 4, 6, 6), (1, 4, 1, 6)]:
+        out = dot_product_attention(q, k, k, mask=jnp.ones(shape, bool), local_window_size=(2, 0))
+        assert out.shape == q.shape

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 from typing import Iterator, Sequence
 
 import jax
@@ -380,8 +381,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
       ``[B, T, n_heads, head_dim]`` in ``dtype``. Softmax in float32; a fully masked row averages
       the values uniformly (as ``jax.nn.dot_product_attention``).
     Raises:
-      ValueError: ``implementation="cudnn"`` where cuDNN cannot run (see
-        :func:`attention_implementation`), or jax's cuDNN path rejected the inputs.
+      ValueError: inconsistent shapes (q / k / v ranks, batch, head_dim, ``n_heads %
+        n_kv_heads``), a mask that does not broadcast to ``[B, n_heads, T, S]``, ``is_causal``
+        with ``T != S``, a ``local_window_size`` that is not two non-negative ints;
+        ``implementation="cudnn"`` where cuDNN cannot run (see :func:`attention_implementation`),
+        or jax's cuDNN path rejected the inputs.
 
     Implementation (:func:`attention_implementation` decides, from the backend at trace time):
     on a GPU with 16-bit inputs that qualify, cuDNN's fused flash attention
@@ -402,6 +406,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     sequence is one block; cuDNN skips the upper triangle at its own tile size, the count does not
     change).
     """
+    _check_attention_args(q, k, v, mask, is_causal, local_window_size)
     dtype = q.dtype if dtype is None else jnp.dtype(dtype)
     requested = implementation or current_precision().attention
     b, t, n, hd = q.shape
@@ -441,6 +446,37 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     o = attention_ops.blocked_attention(q.reshape(b, t, kv, n // kv, hd), k, v, allowed, 1.0 / math.sqrt(hd),
                                         dtype, ranges)
     return o.reshape(b, t, n, hd)
+
+
+def _check_attention_args(q, k, v, mask, is_causal, local_window_size) -> None:
+    """The shape contract of :func:`dot_product_attention`; ValueError naming what is wrong."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"dot_product_attention: q, k, v must be [B, T|S, heads, head_dim]; got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}")
+    b, t, n, hd = q.shape
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != hd:
+        raise ValueError(f"dot_product_attention: k [B, S, n_kv_heads, head_dim] and v [B, S, n_kv_heads, *] "
+                         f"must match q [B, T, n_heads, head_dim] = {q.shape}; got k {k.shape}, v {v.shape}")
+    s, kv = k.shape[1], k.shape[2]
+    if n % kv:
+        raise ValueError(f"dot_product_attention: n_heads = {n} is not a multiple of n_kv_heads = {kv} "
+                         "(grouped-query attention shares each KV head among n_heads / n_kv_heads query heads)")
+    if is_causal and t != s:
+        raise ValueError(f"dot_product_attention: is_causal needs T == S; got T = {t}, S = {s} (pass a mask "
+                         "for queries offset against a longer key sequence)")
+    if mask is not None:
+        ok = (mask.ndim == 4 and mask.shape[0] in (1, b) and mask.shape[1] in (1, n) and mask.shape[2] in (1, t)
+              and mask.shape[3] == s)
+        if not ok:
+            raise ValueError(f"dot_product_attention: mask must be bool [B or 1, n_heads or 1, T or 1, S] = "
+                             f"[{b} or 1, {n} or 1, {t} or 1, {s}]; got {mask.shape} (a [T, S] mask: "
+                             "mask[None, None])")
+    if local_window_size is not None:
+        w = local_window_size
+        if (not isinstance(w, (tuple, list)) or len(w) != 2
+                or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in w)):
+            raise ValueError(f"dot_product_attention: local_window_size must be (left, right), two ints >= 0; got "
+                             f"{w!r} (a causal window of W keys: (W - 1, 0))")
 
 
 class RMSNorm(nnx.Module):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_arch import parallel
+from efficient_arch.config import check_flop_attention
 from efficient_arch.models.layers import apply_rope, dot_product_attention, dtype_of, matmul, param, rope_angles
 from efficient_arch.ops.attention import executed_pairs, key_ranges
 
@@ -136,16 +137,15 @@ class Attention(nnx.Module):
         Raises:
           ValueError: unknown ``attention`` convention.
         """
+        check_flop_attention(attention)
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         proj = 2.0 * d * (h + 2 * kv) * hd + 2.0 * h * hd * d
         if attention == "causal":
             t_eff = (seq_len + 1) / 2.0
         elif attention == "full":
             t_eff = float(seq_len)
-        elif attention == "executed":
+        else:  # "executed"
             t_eff = executed_pairs(key_ranges(seq_len, seq_len, is_causal=True)) / seq_len
-        else:
-            raise ValueError(f"attention convention {attention!r}: choose 'causal', 'full' or 'executed'")
         return proj + 4.0 * h * hd * t_eff
 
     @staticmethod

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_arch import parallel
+from efficient_arch.config import check_flop_attention
 from efficient_arch.models.layers import dtype_of, matmul, param
 from efficient_arch.ops.linear_recurrence import (flops_gated_linear_attention, gated_linear_attention,
                                                   gla_step, taylor_feature_map)
@@ -140,8 +141,7 @@ class Based(nnx.Module):
         Raises:
           ValueError: unknown ``attention`` convention or form.
         """
-        if attention not in ("causal", "full", "executed"):
-            raise ValueError(f"attention convention {attention!r}: choose 'causal', 'full' or 'executed'")
+        check_flop_attention(attention)
         d, h, hd, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.feature_dim
         proj = 2.0 * d * h * (2 * f + hd) + 2.0 * h * hd * d
         la = flops_gated_linear_attention(seq_len, h, 1 + f + f * f, hd, form=cfg.mixer_form,

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_arch import parallel
+from efficient_arch.config import check_flop_attention
 from efficient_arch.models.layers import RMSNorm, dtype_of, matmul, param
 from efficient_arch.ops.conv import causal_conv1d, conv_step, flops_causal_conv1d
 from efficient_arch.ops.delta_rule import FORMS, delta_rule, delta_rule_step, flops_delta_rule
@@ -182,7 +183,7 @@ class DeltaNet(nnx.Module):
 
     @classmethod
     def flops_per_token(cls, cfg, seq_len: int, *, attention: str = "causal") -> float:
-        """Forward FLOPs per token of one layer (``attention`` is ignored: no softmax attention).
+        """Forward FLOPs per token of one layer (``attention`` is only validated: no softmax attention).
 
         With ``d = d_model``, ``H = n_heads``, ``K = V = head_dim``, ``W = conv_width``:
           projections ``2 d (3 H K) + 2 d H`` (q, k, v, beta) ``+ 2 H V d`` (output)
@@ -191,7 +192,7 @@ class DeltaNet(nnx.Module):
           recurrence :func:`efficient_arch.ops.delta_rule.flops_delta_rule` of ``cfg.mixer_form``.
         Norms, SiLU, sigmoid and the gate's elementwise product are not counted.
         """
-        del attention
+        check_flop_attention(attention)
         d, h, hd, w = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.conv_width
         proj = 2.0 * d * 3 * h * hd + 2.0 * d * h + 2.0 * h * hd * d
         if cls.gated:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_arch import parallel
+from efficient_arch.config import check_flop_attention
 from efficient_arch.models.layers import dtype_of, matmul, param
 from efficient_arch.ops.linear_recurrence import flops_gated_linear_attention, gated_linear_attention, gla_step
 
@@ -123,9 +124,9 @@ class GLA(nnx.Module):
         Projections: ``2 d 4 H hd`` (q, k, v, gate) + ``2 d r + 2 r H hd`` (low-rank decay,
         ``r = 16``) + ``2 H hd d`` (output); core: :func:`flops_gated_linear_attention` with
         ``K = V = hd`` and vector decay in ``cfg.mixer_form``. Norm, swish, sigmoid and the decay
-        exponentials are elementwise and not counted. ``attention`` is unused.
+        exponentials are elementwise and not counted. ``attention`` is only validated (ValueError).
         """
-        del attention
+        check_flop_attention(attention)
         d, h, hd = cfg.d_model, cfg.n_heads, cfg.head_dim
         proj = 2.0 * d * 4 * h * hd + 2.0 * d * GATE_RANK + 2.0 * GATE_RANK * h * hd + 2.0 * h * hd * d
         core = flops_gated_linear_attention(seq_len, h, hd, hd, form=cfg.mixer_form, chunk_size=cfg.chunk_size,

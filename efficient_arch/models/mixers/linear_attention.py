@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_arch import parallel
+from efficient_arch.config import check_flop_attention
 from efficient_arch.models.layers import dtype_of, matmul, param
 from efficient_arch.ops.linear_recurrence import (
     feature_dim, feature_map, flops_gated_linear_attention, gated_linear_attention, gla_step)
@@ -128,10 +129,12 @@ class LinearAttention(nnx.Module):
         :func:`flops_gated_linear_attention` with key width ``K_f`` (``f``, or ``1 + f + f^2``
         for the Taylor map), value width ``hd`` and ``normalize=cfg.normalize``, in
         ``cfg.mixer_form``. Feature maps and the normalising division are elementwise and not
-        counted. ``attention`` is
-        unused (there is no softmax square).
+        counted. ``attention`` is only validated (there is no softmax square).
+
+        Raises:
+          ValueError: unknown ``attention`` convention.
         """
-        del attention
+        check_flop_attention(attention)
         d, h, hd = cfg.d_model, cfg.n_heads, cfg.head_dim
         f = _qk_dim(cfg)
         proj = 2.0 * d * h * (2 * f + hd) + 2.0 * h * hd * d

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_arch import parallel
+from efficient_arch.config import check_flop_attention
 from efficient_arch.models.layers import dtype_of, matmul, param
 from efficient_arch.ops.conv import causal_conv1d, conv_step, flops_causal_conv1d
 from efficient_arch.ops.linear_recurrence import (flops_gated_linear_attention, gated_linear_attention,
@@ -266,8 +267,7 @@ class Mamba2(nnx.Module):
         Raises:
           ValueError: unknown ``attention`` convention or form.
         """
-        if attention not in ("causal", "full", "executed"):
-            raise ValueError(f"attention convention {attention!r}: choose 'causal', 'full' or 'executed'")
+        check_flop_attention(attention)
         d, p, n, w = cfg.d_model, cfg.head_dim, cfg.state_size, cfg.conv_width
         e = cfg.expand * d
         h = e // p

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_arch import parallel
+from efficient_arch.config import check_flop_attention
 from efficient_arch.models.layers import apply_rope, dtype_of, matmul, param, rope_angles
 from efficient_arch.models.mixers.gla import gated_output
 from efficient_arch.ops.linear_recurrence import flops_gated_linear_attention, gated_linear_attention, gla_step
@@ -117,9 +118,10 @@ class Retention(nnx.Module):
 
         Projections ``2 d 4 H hd`` (q, k, v, gate) + ``2 H hd d`` (output); core:
         :func:`flops_gated_linear_attention` with ``K = V = hd``, scalar decay, ``cfg.mixer_form``.
-        RoPE, norm, swish and decay masks are elementwise and not counted. ``attention`` unused.
+        RoPE, norm, swish and decay masks are elementwise and not counted. ``attention`` is only
+        validated (ValueError: unknown convention).
         """
-        del attention
+        check_flop_attention(attention)
         d, h, hd = cfg.d_model, cfg.n_heads, cfg.head_dim
         proj = 2.0 * d * 4 * h * hd + 2.0 * h * hd * d
         core = flops_gated_linear_attention(seq_len, h, hd, hd, form=cfg.mixer_form, chunk_size=cfg.chunk_size,

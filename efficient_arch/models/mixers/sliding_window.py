@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_arch import parallel
+from efficient_arch.config import check_flop_attention
 from efficient_arch.models.layers import dot_product_attention, matmul
 from efficient_arch.models.mixers.attention import Attention, segment_mask
 from efficient_arch.ops.attention import attention_core, executed_pairs, key_ranges
@@ -215,21 +216,19 @@ class SlidingWindowAttention(Attention):
         Raises:
           ValueError: unknown ``attention`` convention.
         """
+        check_flop_attention(attention)
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         w, t = int(cfg.window_size), int(seq_len)
         proj = 2.0 * d * (h + 2 * kv) * hd + 2.0 * h * hd * d
         if attention == "causal":
             m = min(w, t)
             t_eff = (m * (m + 1) / 2.0 + (t - m) * w) / t
-        elif attention in ("full", "executed"):
-            if _uses_blocked(cfg.mixer_form, w, t):
-                t_eff = 2.0 * w * (-(-t // w) * w) / t
-            elif attention == "full":
-                t_eff = float(t)
-            else:
-                t_eff = executed_pairs(key_ranges(t, t, is_causal=True, local_window_size=(w - 1, 0))) / t
-        else:
-            raise ValueError(f"attention convention {attention!r}: choose 'causal', 'full' or 'executed'")
+        elif _uses_blocked(cfg.mixer_form, w, t):  # "full" / "executed": the blocked form's pairs
+            t_eff = 2.0 * w * (-(-t // w) * w) / t
+        elif attention == "full":
+            t_eff = float(t)
+        else:  # "executed"
+            t_eff = executed_pairs(key_ranges(t, t, is_causal=True, local_window_size=(w - 1, 0))) / t
         return proj + 4.0 * h * hd * t_eff
 
     @staticmethod
