@@ -19,7 +19,9 @@ Rows: scan vs unrolled layers, remat none vs dots, float32 vs bfloat16 compute, 
 chunked LM head + loss (``train.ce_chunk_size``). MFU = analytic
 model FLOPs per step (causal attention) / step time / the same process's peak *for the row's
 compute dtype*; ``MFU f32`` divides by the float32 peak for every row (the bf16 rows' speed-up is
-then visible on one scale).
+then visible on one scale). HFU = analytic *hardware* FLOPs per step (the XLA form's executed
+attention blocks plus the recompute of the row's remat policy: ``flops.analytic_flops``) / step
+time / the row's dtype peak.
 
 ``--loss-check STEPS`` additionally trains ``transformer.py:small`` on the default corpus for STEPS
 steps in float32 and in bfloat16 compute (same seed and data) and reports both final losses (the
@@ -110,6 +112,7 @@ def run_row(name: str, size: str, warmup: int, runs: int) -> dict:
         "model_flops_per_step": ana["model_flops_per_step"], "hardware_flops_per_step": ana["hardware_flops_per_step"],
         "peak_flops_per_s": peak, "mfu": ana["model_flops_per_step"] / step / peak[cfg.model.dtype],
         "mfu_vs_f32_peak": ana["model_flops_per_step"] / step / peak["float32"],
+        "hfu": ana["hardware_flops_per_step"] / step / peak[cfg.model.dtype],
         "compile_s": compile_s, "temp_bytes": mem.get("temp_bytes"), "compiled_total_bytes": mem.get("total_bytes"),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_rss_after_compile_bytes": timed["peak_rss_after_compile_bytes"],
@@ -143,20 +146,22 @@ def loss_check(steps: int) -> dict:
 
 LEGEND = ("step s: median of the timed steps; model GFLOP/step: analytic model FLOPs (causal attention, no "
           "remat); MFU: model FLOP/s over this row's own peak for its compute dtype (vs f32 peak: over the "
-          "float32 peak); temp MiB: XLA's compiled temporaries; peak RSS MiB: the row's child process "
+          "float32 peak); HFU: hardware FLOP/s (executed attention blocks + remat recompute) over the row's "
+          "own peak; temp MiB: XLA's compiled temporaries; peak RSS MiB: the row's child process "
           "(ru_maxrss, calibration included); MiB = 2^20 bytes")
 
 
 def table(rows: list[dict]) -> str:
     head = ("| row | step s | tokens/s | model GFLOP/step | MFU % (own dtype peak) | MFU % vs f32 peak | "
-            "compile s | temp MiB | peak RSS MiB |")
+            "HFU % (own dtype peak) | compile s | temp MiB | peak RSS MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | error: {r['error'][:80]} |" + " |" * 7)
+            lines.append(f"| {r['row']} | error: {r['error'][:80]} |" + " |" * 8)
             continue
         lines.append(f"| {r['row']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['model_flops_per_step'] / 1e9:.1f} | {100 * r['mfu']:.1f} | {100 * r['mfu_vs_f32_peak']:.1f} | "
+                     f"{100 * r['hfu']:.1f} | "
                      f"{r['compile_s']:.1f} | {(r['temp_bytes'] or 0) / 2**20:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
     return "\n".join(lines)
 
