@@ -41,7 +41,8 @@ against a measured memory bandwidth.
 
 Usage::
 
-    python benchmarks/mixers.py [--seq 512,2048,8192] [--mixers a,b] [--quick] [--malloc-tunables]
+    python benchmarks/mixers.py [--seq 512,2048,8192] [--mixers a,b] [--forms chunked,softmax] [--quick]
+        [--malloc-tunables]
 
 Writes ``benchmarks/results/mixers_<date>[_quick|_partial][_malloc].json`` and prints a table.
 """
@@ -568,6 +569,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", default=None, help="comma-separated sequence lengths (default 512,2048,8192; "
                    "--quick: 64,128)")
     p.add_argument("--mixers", default=None, help="comma-separated registered mixer names (default: all)")
+    p.add_argument("--forms", default=None, help="comma-separated form labels to run (chunked, recurrent, "
+                   "quadratic, softmax, blocked; default: every form of each mixer)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (d_model 64, T 64/128): a < 60 s smoke run")
     p.add_argument("--optimize", action="store_true", help="with --quick: keep XLA optimizations on "
                    "(--quick turns most of them off to compile faster)")
@@ -607,6 +610,11 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown mixer(s) {unknown}; registered: {names}", file=sys.stderr)
         return 2
+    labels = sorted({lb for fs in [DEFAULT_FORMS, *FORMS.values()] for lb, _ in fs})
+    forms = args.forms.split(",") if args.forms else labels
+    if set(forms) - set(labels):
+        print(f"unknown form label(s) {sorted(set(forms) - set(labels))}; choose from {labels}", file=sys.stderr)
+        return 2
     for s in seqs:
         if sizes["tokens"] % s:
             print(f"--seq {s} does not divide the token count {sizes['tokens']} (--tokens)", file=sys.stderr)
@@ -639,6 +647,8 @@ def main(argv=None) -> int:
     rows, breaks, kinds_done = [], [], set()
     for mixer in mixers:
         for label, form in FORMS.get(mixer, DEFAULT_FORMS):
+            if label not in forms:
+                continue
             hist = []
             for seq in sorted(seqs):
                 batch = sizes["tokens"] // seq
@@ -671,7 +681,8 @@ def main(argv=None) -> int:
     print(f"\nwall time {wall:.0f} s")
 
     date = datetime.date.today().isoformat()
-    default_suffix = "_quick" if args.quick else ("_partial" if (args.mixers or args.seq or args.tokens) else "")
+    default_suffix = "_quick" if args.quick else ("_partial" if (args.mixers or args.seq or args.tokens or args.forms)
+                                                   else "")
     if args.malloc_tunables:
         default_suffix += "_malloc"
     out = Path(args.out) if args.out else ROOT / "results" / f"mixers_{date}{default_suffix}.json"
