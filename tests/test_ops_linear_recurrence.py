@@ -292,6 +292,13 @@ def test_normalize_equals_the_ones_column_definition_float64(decay):
             assert_close(st, st1, 1e-12, f"decode state {t}")
         with pytest.raises(ValueError, match=r"V \+ 1"):
             run(q, k, v, g, "chunked", initial_state=jnp.asarray(s0[..., :V]), normalize=True)
+        # the decode step checks its state too (a V-wide state with normalize would broadcast)
+        with pytest.raises(ValueError, match=r"V \+ 1"):
+            gla_step(q[:, 0], k[:, 0], v[:, 0], None, jnp.asarray(s0[..., :V]), normalize=True)
+        with pytest.raises(ValueError, match=r"\[B, H, K, V\]"):
+            gla_step(q[:, 0], k[:, 0], v[:, 0], None, jnp.asarray(s0))
+        with pytest.raises(ValueError, match="log_decay"):
+            gla_step(q[:, 0], k[:, 0], v[:, 0], jnp.zeros((B, H, K + 1)), jnp.asarray(s0), normalize=True)
 
 
 def test_errors_name_the_problem():

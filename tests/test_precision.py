@@ -418,6 +418,9 @@ def test_dot_product_attention_rejects_bad_shapes_by_name():
         (dict(mask=jnp.ones((2, 3, 6, 6), bool)), "mask must be bool"),
         (dict(local_window_size=3), "two ints >= 0"),
         (dict(local_window_size=(3, -1)), "two ints >= 0"),
+        (dict(mask=jnp.full((1, 1, 6, 6), 2, jnp.int32)), "must be bool"),  # 1 & 2 == 0 would mask all
+        (dict(mask=jnp.zeros((1, 1, 6, 6), jnp.float32)), "must be bool"),
+        (dict(k=z(2, 6, 0, 8), v=z(2, 6, 0, 8)), "must be >= 1"),
     ]
     for kw, msg in bad:
         args = dict(q=q, k=k, v=k) | kw

@@ -382,7 +382,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
       the values uniformly (as ``jax.nn.dot_product_attention``).
     Raises:
       ValueError: inconsistent shapes (q / k / v ranks, batch, head_dim, ``n_heads %
-        n_kv_heads``), a mask that does not broadcast to ``[B, n_heads, T, S]``, ``is_causal``
+        n_kv_heads``), a mask that is not bool or does not broadcast to ``[B, n_heads, T, S]``, ``is_causal``
         with ``T != S``, a ``local_window_size`` that is not two non-negative ints;
         ``implementation="cudnn"`` where cuDNN cannot run (see :func:`attention_implementation`),
         or jax's cuDNN path rejected the inputs.
@@ -458,6 +458,8 @@ def _check_attention_args(q, k, v, mask, is_causal, local_window_size) -> None:
         raise ValueError(f"dot_product_attention: k [B, S, n_kv_heads, head_dim] and v [B, S, n_kv_heads, *] "
                          f"must match q [B, T, n_heads, head_dim] = {q.shape}; got k {k.shape}, v {v.shape}")
     s, kv = k.shape[1], k.shape[2]
+    if n < 1 or kv < 1:
+        raise ValueError(f"dot_product_attention: n_heads = {n} and n_kv_heads = {kv} must be >= 1")
     if n % kv:
         raise ValueError(f"dot_product_attention: n_heads = {n} is not a multiple of n_kv_heads = {kv} "
                          "(grouped-query attention shares each KV head among n_heads / n_kv_heads query heads)")
@@ -465,6 +467,9 @@ def _check_attention_args(q, k, v, mask, is_causal, local_window_size) -> None:
         raise ValueError(f"dot_product_attention: is_causal needs T == S; got T = {t}, S = {s} (pass a mask "
                          "for queries offset against a longer key sequence)")
     if mask is not None:
+        if mask.dtype != jnp.bool_:
+            raise ValueError(f"dot_product_attention: mask must be bool (True = may attend), got {mask.dtype} "
+                             "(an additive float mask or 0/1 ints: pass mask > 0 / mask.astype(bool))")
         ok = (mask.ndim == 4 and mask.shape[0] in (1, b) and mask.shape[1] in (1, n) and mask.shape[2] in (1, t)
               and mask.shape[3] == s)
         if not ok:

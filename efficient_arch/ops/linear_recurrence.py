@@ -195,7 +195,20 @@ def gla_step(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | No
       ``(o [B, H, V] in q.dtype, state float32 of the input state's shape)``. FLOPs per head:
       ``(5 + decay) K V`` (``V + 1`` with ``normalize``) as in :func:`flops_gated_linear_attention`
       ``form="recurrent"``.
+    Raises:
+      ValueError: inconsistent shapes of q / k / v / log_decay, or a state that is not
+        ``[B, H, K, V]`` (``[B, H, K, V + 1]`` with ``normalize``).
     """
+    if q.ndim != 3 or k.shape != q.shape or v.ndim != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"gla_step: expected q, k [B, H, K] and v [B, H, V]; got q {q.shape}, k {k.shape}, "
+                         f"v {v.shape}")
+    if log_decay is not None and log_decay.shape not in (q.shape[:2], q.shape):
+        raise ValueError(f"gla_step: log_decay must be [B, H] or [B, H, K] = {q.shape[:2]} or {q.shape}; got "
+                         f"{log_decay.shape}")
+    want = q.shape + (v.shape[-1] + bool(normalize),)
+    if state.shape != want:
+        what = "[B, H, K, V + 1] (normalize=True: the last column is z)" if normalize else "[B, H, K, V]"
+        raise ValueError(f"gla_step: state must be {what} = {want}; got {state.shape}")
     if normalize:
         v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
     acc = _acc_dtype(q.dtype)
