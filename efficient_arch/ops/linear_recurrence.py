@@ -72,6 +72,17 @@ def _cumsum(x: jax.Array, axis: int) -> jax.Array:
     return jax.lax.associative_scan(jnp.add, x, axis=axis)
 
 
+def _ones_column(v: jax.Array) -> jax.Array:
+    """``[..., V] -> [..., V + 1]``: normalised attention's definition, a ones column whose output
+    column is the denominator ``q . z``."""
+    return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+
+
+def _divide_by_last(o: jax.Array, eps: float) -> jax.Array:
+    """``[..., V + 1] -> [..., V]``: the output columns over the last (denominator) column + eps."""
+    return o[..., :-1] / (o[..., -1:] + eps)
+
+
 def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
     """``exp(x)`` where ``mask`` else 0, with no inf/NaN in values or gradients (double where)."""
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
@@ -159,8 +170,8 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
         or a non-positive ``chunk_size``.
     """
     _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, normalize)
-    if normalize and form != "chunked":  # the definition: a ones column whose output is q_t z_t
-        v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+    if normalize and form != "chunked":
+        v = _ones_column(v)
     bsz, t, h, kd = q.shape
     vd = v.shape[-1] + (normalize and form == "chunked")
     acc = _acc_dtype(q.dtype)
@@ -178,7 +189,7 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
     else:
         o, s = _chunked(q, k, v, g, cnt, s0, chunk_size, acc, normalize, eps)
     if normalize and form != "chunked":
-        o = o[..., :-1] / (o[..., -1:] + eps)
+        o = _divide_by_last(o, eps)
     return o.astype(q.dtype), s
 
 
@@ -210,7 +221,7 @@ def gla_step(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | No
         what = "[B, H, K, V + 1] (normalize=True: the last column is z)" if normalize else "[B, H, K, V]"
         raise ValueError(f"gla_step: state must be {what} = {want}; got {state.shape}")
     if normalize:
-        v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+        v = _ones_column(v)
     acc = _acc_dtype(q.dtype)
     s = state.astype(acc)
     if log_decay is not None:
@@ -220,7 +231,7 @@ def gla_step(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | No
     s = s + jnp.einsum("bhk,bhv->bhkv", k.astype(acc), v.astype(acc))
     o = jnp.einsum("bhk,bhkv->bhv", q.astype(acc), s)
     if normalize:
-        o = o[..., :-1] / (o[..., -1:] + eps)
+        o = _divide_by_last(o, eps)
     return o.astype(q.dtype), s
 
 
