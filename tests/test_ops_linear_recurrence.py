@@ -299,6 +299,10 @@ def test_normalize_equals_the_ones_column_definition_float64(decay):
             gla_step(q[:, 0], k[:, 0], v[:, 0], None, jnp.asarray(s0))
         with pytest.raises(ValueError, match="log_decay"):
             gla_step(q[:, 0], k[:, 0], v[:, 0], jnp.zeros((B, H, K + 1)), jnp.asarray(s0), normalize=True)
+        with pytest.raises(ValueError, match="eps"):
+            gated_linear_attention(q, k, v, None, normalize=True, eps=-1e-3)
+        with pytest.raises(ValueError, match="eps"):
+            gla_step(q[:, 0], k[:, 0], v[:, 0], None, jnp.asarray(s0), normalize=True, eps=float("nan"))
 
 
 def test_errors_name_the_problem():

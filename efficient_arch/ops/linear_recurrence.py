@@ -100,9 +100,16 @@ def _segment_counter(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array
     return _cumsum(reset.astype(jnp.int32), axis=1)
 
 
-def _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, normalize=False):
+def _check_eps(eps) -> None:
+    """``eps`` of the normalised forms: a number >= 0 (a traced value is not checked)."""
+    if isinstance(eps, (int, float)) and not eps >= 0:
+        raise ValueError(f"eps={eps!r}: the denominator offset must be >= 0 (0: none)")
+
+
+def _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, normalize=False, eps=0.0):
     if form not in FORMS:
         raise ValueError(f"form={form!r}: choose one of {FORMS}")
+    _check_eps(eps)
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expected q, k [B, T, H, K] and v [B, T, H, V]; got q {q.shape}, k {k.shape}, "
                          f"v {v.shape}")
@@ -167,9 +174,9 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
 
     Raises:
       ValueError: unknown form, inconsistent shapes, ``initial_state`` with ``form="quadratic"``,
-        or a non-positive ``chunk_size``.
+        a non-positive ``chunk_size``, or a negative (or NaN) ``eps``.
     """
-    _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, normalize)
+    _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, normalize, eps)
     if normalize and form != "chunked":
         v = _ones_column(v)
     bsz, t, h, kd = q.shape
@@ -207,9 +214,10 @@ def gla_step(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | No
       ``(5 + decay) K V`` (``V + 1`` with ``normalize``) as in :func:`flops_gated_linear_attention`
       ``form="recurrent"``.
     Raises:
-      ValueError: inconsistent shapes of q / k / v / log_decay, or a state that is not
-        ``[B, H, K, V]`` (``[B, H, K, V + 1]`` with ``normalize``).
+      ValueError: inconsistent shapes of q / k / v / log_decay, a state that is not
+        ``[B, H, K, V]`` (``[B, H, K, V + 1]`` with ``normalize``), or a negative ``eps``.
     """
+    _check_eps(eps)
     if q.ndim != 3 or k.shape != q.shape or v.ndim != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"gla_step: expected q, k [B, H, K] and v [B, H, V]; got q {q.shape}, k {k.shape}, "
                          f"v {v.shape}")
