@@ -493,7 +493,7 @@ def breakdown(mixer: str, row: dict, sizes: dict, args, peak: float, bandwidth: 
         vec = arrs["g"] is not None and arrs["g"].ndim == 4
         fwd_core = flops_gated_linear_attention(t, hh, kd, vd, form="chunked", chunk_size=mcfg.chunk_size,
                                                 vector_decay=vec, has_decay=arrs["g"] is not None,
-                                                normalize=_core_normalized(mixer, mcfg))
+                                                normalize=norm)
     else:
         fwd_core = flops_delta_rule(t, hh, kd, vd, form="chunked", chunk_size=mcfg.chunk_size,
                                     gated=arrs["g"] is not None)
