@@ -305,6 +305,74 @@ def test_normalize_equals_the_ones_column_definition_float64(decay):
             gla_step(q[:, 0], k[:, 0], v[:, 0], None, jnp.asarray(s0), normalize=True, eps=float("nan"))
 
 
+@pytest.mark.parametrize("decay", ["none", "scalar", "vector"])
+def test_feature_map_inside_the_op_equals_mapping_outside_float64(decay):
+    """``feature_map=name`` on raw ``q, k`` == the recurrent form on ``feature_map(name, q / k)``:
+    outputs, final state and gradients wrt the raw q, k, v, log_decay and the initial state
+    (chunked C = 4 / 16 padding T = 13, with segment resets, normalised and not; float64). With
+    ``taylor`` and no / scalar decay the chunked scores come from the F-wide ``q . k`` through
+    ``1 + s + s^2 / 2`` (a wrong kernel or scale fails here); the state carries 1 + F + F^2 rows."""
+    f_dim = 3
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(21)
+        q, k = rng.standard_normal((2, B, T, H, f_dim)) * 0.7
+        v = rng.standard_normal((B, T, H, V))
+        seg = jnp.asarray(np.repeat([[0] * 6 + [1] * 7], B, 0))
+        for name in ("taylor", "elu", "identity"):
+            kf = feature_dim(name, f_dim)
+            shape = {"none": None, "scalar": (B, T, H), "vector": (B, T, H, kf)}[decay]
+            g = None if shape is None else -rng.uniform(0.0, 1.0, shape)
+            for normalize in (False, True):
+                vs = V + normalize
+                s0 = np.abs(rng.standard_normal((B, H, kf, vs)))
+                ro, rs = rng.standard_normal((B, T, H, V)), rng.standard_normal((B, H, kf, vs))
+                norm = dict(normalize=True, eps=0.5) if normalize else {}
+
+                def loss(form, c, inside):
+                    def f(q_, k_, v_, g_, s0_):
+                        kw = dict(segment_ids=seg, form=form, chunk_size=c, initial_state=s0_, **norm)
+                        if inside:
+                            o, s = gated_linear_attention(q_, k_, v_, g_, feature_map=name, **kw)
+                        else:
+                            o, s = gated_linear_attention(feature_map(name, q_), feature_map(name, k_), v_, g_, **kw)
+                        return jnp.sum(o * ro) + jnp.sum(s * rs), (o, s)
+                    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+                args = [jnp.asarray(x) for x in (q, k, v)] + [None if g is None else jnp.asarray(g), jnp.asarray(s0)]
+                (_, (ref_o, ref_s)), ref_grads = loss("recurrent", 1, False)(*args)
+                for form, c in [("chunked", 4), ("chunked", 16), ("recurrent", 1)]:
+                    (_, (o, s)), grads = loss(form, c, True)(*args)
+                    what = f"{name} {decay} normalize={normalize} {form} C={c}"
+                    assert o.shape == (B, T, H, V) and s.shape == (B, H, kf, vs), what
+                    assert_close(o, ref_o, 1e-10, what + " output")
+                    assert_close(s, ref_s, 1e-10, what + " state")
+                    for gname, gr, rg in zip(("q", "k", "v", "log_decay", "initial_state"), grads, ref_grads):
+                        if rg is not None:
+                            assert np.abs(np.asarray(rg)).max() > 1e-3, what + " " + gname
+                            assert_close(gr, rg, 1e-9, f"{what} grad {gname}")
+        with pytest.raises(ValueError, match="feature map"):
+            gated_linear_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), feature_map="relu")
+        with pytest.raises(ValueError, match="raw q, k"):
+            gated_linear_attention(jnp.asarray(q), jnp.asarray(k[..., :2]), jnp.asarray(v), feature_map="taylor")
+
+
+def test_taylor_scores_contract_the_raw_width():
+    """The chunked Taylor form's score product contracts F (the raw width), not 1 + F + F^2: the
+    compiled forward's XLA FLOPs equal the analytic count with ``score_dim=F`` within the
+    elementwise excess, and the feature-wide count would be far above them."""
+    b, t, h, f, v_dim, c = 1, 256, 2, 8, 16, 64
+    kf = feature_dim("taylor", f)
+    spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    fwd = jax.jit(lambda q, k, v: gated_linear_attention(q, k, v, chunk_size=c, normalize=True,
+                                                          feature_map="taylor")[0])
+    xla = fwd.lower(spec(b, t, h, f), spec(b, t, h, f), spec(b, t, h, v_dim)).cost_analysis()["flops"]
+    count = lambda sd: b * t * flops_gated_linear_attention(t, h, kf, v_dim, form="chunked", chunk_size=c,
+                                                            has_decay=False, normalize=True, score_dim=sd)
+    assert count(f) < count(None)
+    assert 1.0 <= xla / count(f) <= 1.25, xla / count(f)
+    assert xla < count(None)
+
+
 def test_errors_name_the_problem():
     q, k, v, g = inputs(0, decay="scalar")
     with pytest.raises(ValueError, match="form"):
@@ -331,6 +399,9 @@ def test_flops_formula_values():
     assert g == pytest.approx(128 / 100 * (2 * 64 * 24 + 4 * 16 * 8))
     # normalize: the chunked form adds 2 K (q . z_prev); the others run V + 1 columns
     assert f("chunked", chunk_size=64, normalize=True) == f("chunked", chunk_size=64) + 2 * 2 * 16
+    # score_dim: the chunked score block contracts it instead of K (the Taylor kernel shortcut)
+    assert f("chunked", chunk_size=64, score_dim=4) == 2 * (2 * 64 * (4 + 8) + 4 * 16 * 8)
+    assert f("recurrent", score_dim=4) == f("recurrent")
     n = lambda form: flops_gated_linear_attention(128, 2, 16, 9, form=form)
     assert f("recurrent", normalize=True) == n("recurrent") and f("quadratic", normalize=True) == n("quadratic")
     with pytest.raises(ValueError, match="form"):

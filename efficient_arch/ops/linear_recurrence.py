@@ -135,7 +135,7 @@ def _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, nor
 def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | None = None, *,
                            segment_ids: jax.Array | None = None, initial_state: jax.Array | None = None,
                            form: str = "chunked", chunk_size: int = 64, normalize: bool = False,
-                           eps: float = 0.0) -> tuple[jax.Array, jax.Array]:
+                           eps: float = 0.0, feature_map: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Causal gated linear attention, recurrence (1) of the module docstring, optionally normalised.
 
     Args:
@@ -163,6 +163,14 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
         column: ``initial_state`` / ``final_state`` ``[B, H, K, V + 1]``.
       eps: added to the denominator when ``normalize`` (0: none; the caller's feature map must
         keep ``q_t z_t`` away from 0).
+      feature_map: None (``q``, ``k`` are the features), or a name of :func:`feature_map`
+        (``"identity"``, ``"elu"``, ``"taylor"``): ``q``, ``k`` are then the raw ``[B, T, H, F]``
+        vectors, the op applies the map, and the state's key width is ``K = feature_dim(name, F)``
+        (``initial_state`` / ``final_state`` and a vector ``log_decay`` use that ``K``). With
+        ``"taylor"`` the chunked form's intra-chunk scores use the kernel itself,
+        ``phi(q) . phi(k) = 1 + s + s^2 / 2`` with ``s = q . k / sqrt(F)`` (an ``F``-wide product
+        instead of a ``1 + F + F^2``-wide one: Arora et al. 2024, sec. 3.1), when the decay is
+        none or scalar; the state still carries the ``1 + F + F^2`` features.
 
     Returns:
       ``(o, final_state)``: ``o`` ``[B, T, H, V]`` in ``q.dtype`` with ``o_t = q_t S_t`` (the
@@ -174,8 +182,15 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
 
     Raises:
       ValueError: unknown form, inconsistent shapes, ``initial_state`` with ``form="quadratic"``,
-        a non-positive ``chunk_size``, or a negative (or NaN) ``eps``.
+        a non-positive ``chunk_size``, a negative (or NaN) ``eps``, or an unknown ``feature_map``.
     """
+    raw = None
+    if feature_map is not None:
+        if q.shape != k.shape:
+            raise ValueError(f"expected raw q, k [B, T, H, F] of one shape; got q {q.shape}, k {k.shape}")
+        if feature_map == "taylor" and form == "chunked" and (log_decay is None or log_decay.ndim == 3):
+            raw = (q, k)  # intra-chunk scores from the kernel 1 + s + s^2 / 2 (docstring)
+        q, k = _apply_feature_map(feature_map, q), _apply_feature_map(feature_map, k)
     _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, normalize, eps)
     if normalize and form != "chunked":
         v = _ones_column(v)
@@ -194,7 +209,7 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
     elif form == "quadratic":
         o, s = _quadratic(q, k, v, g, cnt, acc)
     else:
-        o, s = _chunked(q, k, v, g, cnt, s0, chunk_size, acc, normalize, eps)
+        o, s = _chunked(q, k, v, g, cnt, s0, chunk_size, acc, normalize, eps, raw)
     if normalize and form != "chunked":
         o = _divide_by_last(o, eps)
     return o.astype(q.dtype), s
@@ -245,7 +260,8 @@ def gla_step(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | No
 
 def flops_gated_linear_attention(seq_len: int, n_heads: int, k_dim: int, v_dim: int, *, form: str,
                                  chunk_size: int = 64, vector_decay: bool = False,
-                                 has_decay: bool = True, normalize: bool = False) -> float:
+                                 has_decay: bool = True, normalize: bool = False,
+                                 score_dim: int | None = None) -> float:
     """Forward FLOPs per token of :func:`gated_linear_attention` as executed.
 
     With ``H`` heads, key dim ``K``, value dim ``V``, chunk ``C`` (the op uses ``C_eff = min(C, T)``
@@ -262,6 +278,9 @@ def flops_gated_linear_attention(seq_len: int, n_heads: int, k_dim: int, v_dim: 
       (``2 C_p K``), i.e. ``C_p (C_p + 1) K / C_eff`` per token.
     * ``quadratic``: ``H * 2 T (K + V)`` (the full ``T x T`` square is executed; with a vector
       decay the ``T x T x K`` scores are elementwise and XLA counts ~3x this for them).
+    * ``score_dim``: the chunked form's score block contracts ``score_dim`` instead of ``K``
+      (``2 C_eff score_dim``): ``F`` for ``feature_map="taylor"`` with no / scalar decay, whose
+      scores come from the raw ``F``-wide ``q . k`` (the kernel ``1 + s + s^2 / 2`` is elementwise).
     * ``normalize``: the recurrent and quadratic forms run ``V + 1`` columns (the ones column);
       the chunked form adds ``2 K`` per head for the inter-chunk denominator ``q~ . z_prev`` (its
       intra-chunk part, row sums of the scores, and the ``z`` update are elementwise).
@@ -289,7 +308,7 @@ def flops_gated_linear_attention(seq_len: int, n_heads: int, k_dim: int, v_dim: 
             cp = 1 << (c - 1).bit_length()
             per_head = 2.0 * c * v_dim + cp * (cp + 1) * k_dim / c + 4.0 * k_dim * v_dim
         else:
-            per_head = 2.0 * c * (k_dim + v_dim) + 4.0 * k_dim * v_dim
+            per_head = 2.0 * c * ((k_dim if score_dim is None else score_dim) + v_dim) + 4.0 * k_dim * v_dim
         per_head += 2.0 * k_dim * bool(normalize)
         per_head *= pad
     return n_heads * per_head
@@ -347,11 +366,13 @@ def _quadratic(q, k, v, g, cnt, acc):
     return o, s
 
 
-def _chunked(q, k, v, g, cnt, s0, chunk, acc, normalize=False, eps=0.0):
+def _chunked(q, k, v, g, cnt, s0, chunk, acc, normalize=False, eps=0.0, raw=None):
     """Intra-chunk quadratic + inter-chunk state passing (module docstring). ``normalize``:
     ``s0`` is ``[B, H, K, V + 1]`` (``z`` last), the output is divided by the denominator ``q z``
     (intra-chunk: row sums of the masked, decayed scores; inter-chunk: ``q~ z_prev``, with ``z``
-    passed by the same scan as the state), and the final state carries ``z`` last."""
+    passed by the same scan as the state), and the final state carries ``z`` last. ``raw``: the
+    raw ``(q, k)`` ``[B, T, H, F]`` of Taylor features ``q``, ``k``; the intra-chunk scores are then
+    ``1 + s + s^2 / 2``, ``s = q_raw . k_raw / sqrt(F)`` (no or scalar decay only)."""
     dt = q.dtype
     bsz, t, h, kd = q.shape
     vd = v.shape[-1]
@@ -364,11 +385,18 @@ def _chunked(q, k, v, g, cnt, s0, chunk, acc, normalize=False, eps=0.0):
         zpad = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         q, k, v = zpad(q), zpad(k), zpad(v)
         g = zpad(g) if g is not None else None
+        raw = tuple(zpad(x) for x in raw) if raw is not None else None
         cnt = jnp.pad(cnt, [(0, 0), (0, pad)], mode="edge")
     # head-major chunks [B, N, H, C, *]: every product below is a batched matmul over (B, N, H)
     # with contiguous [C, *] operands (one transpose of the inputs here and of the output at the end)
     ch = lambda x: jnp.moveaxis(x.reshape((bsz, n, c) + x.shape[2:]), 3, 2)
     q, k, v = ch(q), ch(k), ch(v)
+
+    def scores():  # [B, N, H, Ci, Cj]: q_i . k_j, by the Taylor kernel from the raw vectors
+        if raw is None:
+            return _mm("bnhik,bnhjk->bnhij", q, k, dt, acc)
+        sc = _mm("bnhik,bnhjk->bnhij", ch(raw[0]), ch(raw[1]), dt, acc) * (raw[0].shape[-1] ** -0.5)
+        return 1.0 + sc * (1.0 + 0.5 * sc)
     cnt = cnt.reshape(bsz, n, c)
     cnt_prev = jnp.concatenate([jnp.zeros((bsz, 1), jnp.int32), cnt[:, :-1, -1]], axis=1)  # [B, N]
     cnt_last = cnt[:, :, -1]
@@ -380,7 +408,7 @@ def _chunked(q, k, v, g, cnt, s0, chunk, acc, normalize=False, eps=0.0):
     keep = (cnt_last == cnt_prev)[:, :, None, None]  # [B, N, 1, 1]: no reset inside the chunk
 
     if g is None:
-        a = _mm("bnhik,bnhjk->bnhij", q, k, dt, acc) * same
+        a = scores() * same
         qd = jnp.where(from_prev, q, 0)
         kd = jnp.where(to_last, k, 0)
         a_tot = jnp.ones((bsz, n, h, 1), acc)
@@ -396,7 +424,7 @@ def _chunked(q, k, v, g, cnt, s0, chunk, acc, normalize=False, eps=0.0):
         a_tot = jnp.exp(b_last[:, :, :, 0])  # [B, N, H, 1|K]
         if g.shape[-1] == 1:
             diff = b[..., :, None, 0] - b[..., None, :, 0]  # [B, N, H, Ci, Cj]
-            a = _mm("bnhik,bnhjk->bnhij", q, k, dt, acc) * _masked_exp(diff, same)
+            a = scores() * _masked_exp(diff, same)
         else:
             a = _vector_scores(q, k, b, same, dt, acc)
     o = _mm("bnhij,bnhjv->bnhiv", a, v, dt, acc)
@@ -514,6 +542,9 @@ def feature_map(name: str, x: jax.Array) -> jax.Array:
     if name == "taylor":
         return taylor_feature_map(x)
     raise ValueError(f"feature map {name!r}: choose 'identity', 'elu' or 'taylor'")
+
+
+_apply_feature_map = feature_map  # gated_linear_attention's ``feature_map`` argument shadows the name
 
 
 def feature_dim(name: str, d: int) -> int:

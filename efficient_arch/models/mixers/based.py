@@ -13,7 +13,9 @@ Per head ``h`` with a small feature dimension ``F = cfg.feature_dim`` for querie
     out = y W_o
 
 The numerator and the normaliser are one call of the gated linear attention op (no decay,
-``normalize=True``: the state's last column accumulates ``z = sum phi(k)``). Since
+``normalize=True``: the state's last column accumulates ``z = sum phi(k)``; ``feature_map="taylor"``:
+the op applies ``phi`` and its chunked form takes the intra-chunk scores from the ``F``-wide ``q.k``
+through ``1 + s + s^2/2`` instead of the ``1 + F + F^2``-wide features). Since
 ``1 + s + s^2/2 >= 1/2`` the normaliser is ``>= 1/2`` times the number of visible keys: no
 division blow-up. ``cfg.mixer_form`` picks the chunked / recurrent / quadratic form of the op.
 
@@ -60,13 +62,11 @@ class Based(nnx.Module):
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"),
                         std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
-    def _features(self, x):
-        """``x [..., d]`` -> ``phi(q), phi(k) [..., H, 1+F+F^2]`` and ``v [..., H, hd]``."""
+    def _projections(self, x):
+        """``x [..., d]`` -> raw ``q, k [..., H, F]`` and ``v [..., H, hd]``."""
         qk = matmul("...d,dchf->...chf", x, self.wqk[...], self.dtype)
         v = matmul("...d,dhk->...hk", x, self.wv[...], self.dtype)
-        fq = taylor_feature_map(qk[..., 0, :, :])
-        fk = taylor_feature_map(qk[..., 1, :, :])
-        return fq, fk, v
+        return qk[..., 0, :, :], qk[..., 1, :, :], v
 
     def _output(self, o):
         """The op's normalised output (denominator ``>= 1/2``: module docstring) projected."""
@@ -83,11 +83,11 @@ class Based(nnx.Module):
           ``[B, T, d_model]`` in the compute dtype.
         """
         del positions
-        fq, fk, v = self._features(x)
-        fq = parallel.constrain(fq, ("batch", "seq", "act_heads", None))
-        fk = parallel.constrain(fk, ("batch", "seq", "act_heads", None))
-        o, _ = gated_linear_attention(fq, fk, v, None, segment_ids=segment_ids, form=self.form,
-                                      chunk_size=self.chunk_size, normalize=True)
+        q, k, v = self._projections(x)
+        q = parallel.constrain(q, ("batch", "seq", "act_heads", None))
+        k = parallel.constrain(k, ("batch", "seq", "act_heads", None))
+        o, _ = gated_linear_attention(q, k, v, None, segment_ids=segment_ids, form=self.form,
+                                      chunk_size=self.chunk_size, normalize=True, feature_map="taylor")
         return self._output(o)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict[str, jax.Array]:
@@ -103,8 +103,8 @@ class Based(nnx.Module):
         FLOPs: projections + ``4 H (1+F+F^2)(head_dim+1)`` (state update and read-out).
         """
         del position
-        fq, fk, v = self._features(x[:, 0])
-        o, s = gla_step(fq, fk, v, None, cache["state"], normalize=True)
+        q, k, v = self._projections(x[:, 0])
+        o, s = gla_step(taylor_feature_map(q), taylor_feature_map(k), v, None, cache["state"], normalize=True)
         return self._output(o)[:, None], {"state": s}
 
     def prefill(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
@@ -119,9 +119,9 @@ class Based(nnx.Module):
           :func:`~efficient_arch.ops.linear_recurrence.gated_linear_attention` call,
           ``form="chunked"`` with ``cfg.chunk_size``.
         """
-        fq, fk, v = self._features(x)
-        o, s = gated_linear_attention(fq, fk, v, None, initial_state=cache["state"], form="chunked",
-                                      chunk_size=self.chunk_size, normalize=True)
+        q, k, v = self._projections(x)
+        o, s = gated_linear_attention(q, k, v, None, initial_state=cache["state"], form="chunked",
+                                      chunk_size=self.chunk_size, normalize=True, feature_map="taylor")
         return self._output(o), {"state": s}
 
     @staticmethod
@@ -131,12 +131,13 @@ class Based(nnx.Module):
         ``K = 1 + F + F^2`` (Taylor features), ``V = head_dim``, normalised::
 
             projections   2 d H (2F + head_dim) + 2 H head_dim d
-            linear attn   flops_gated_linear_attention(T, H, K, V, form, chunk_size, normalize=True)
-                            chunked: H [2 C (K + V) + 4 K V + 2 K]; recurrent 5 H K (V + 1);
-                            quadratic 2 H T (K + V + 1)
+            linear attn   flops_gated_linear_attention(T, H, K, V, form, chunk_size, normalize=True,
+                                                       score_dim=F if chunked)
+                            chunked: H [2 C (F + V) + 4 K V + 2 K] (scores from the F-wide q.k);
+                            recurrent 5 H K (V + 1); quadratic 2 H T (K + V + 1)
 
-        The feature map (``F^2`` multiplies per head for q and k) and the normalising division
-        are elementwise and not counted. ``attention`` does not apply and is only validated.
+        The feature map (``F^2`` multiplies per head for q and k), the chunked form's score kernel
+        ``1 + s + s^2/2`` and the normalising division are elementwise and not counted. ``attention`` does not apply and is only validated.
 
         Raises:
           ValueError: unknown ``attention`` convention or form.
@@ -146,5 +147,5 @@ class Based(nnx.Module):
         proj = 2.0 * d * h * (2 * f + hd) + 2.0 * h * hd * d
         la = flops_gated_linear_attention(seq_len, h, 1 + f + f * f, hd, form=cfg.mixer_form,
                                           chunk_size=cfg.chunk_size, vector_decay=False, has_decay=False,
-                                          normalize=True)
+                                          normalize=True, score_dim=f if cfg.mixer_form == "chunked" else None)
         return proj + la

@@ -59,12 +59,19 @@ class LinearAttention(nnx.Module):
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"),
                         std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
-    def _qkv(self, x):
-        """x ``[B, T, D]`` -> featurised q, k ``[B, T, H, K_f]``, v ``[B, T, H, hd]``."""
+    def _op_map(self) -> str | None:
+        """The feature map the op applies itself: ``taylor`` (its chunked form then scores with
+        the ``f``-wide ``q . k``); the others are applied here, before the op."""
+        return "taylor" if self.feature_map == "taylor" else None
+
+    def _qkv(self, x, *, raw: bool = False):
+        """x ``[B, T, D]`` -> featurised q, k ``[B, T, H, K_f]`` (``raw``: unmapped ``[B, T, H, f]``,
+        for the op's ``feature_map``), v ``[B, T, H, hd]``."""
         qk = matmul("btd,dchf->btchf", x, self.wqk[...], self.dtype)
-        q = feature_map(self.feature_map, qk[:, :, 0])
-        k = feature_map(self.feature_map, qk[:, :, 1])
-        if not self.normalize and self.feature_map != "taylor":
+        q, k = qk[:, :, 0], qk[:, :, 1]
+        if not raw:
+            q, k = feature_map(self.feature_map, q), feature_map(self.feature_map, k)
+        if not raw and not self.normalize and self.feature_map != "taylor":
             q = (q.astype(jnp.float32) * self.qk_dim ** -0.5).astype(self.dtype)
         v = matmul("btd,dhk->bthk", x, self.wv[...], self.dtype)
         q = parallel.constrain(q, ("batch", "seq", "act_heads", None))
@@ -86,9 +93,9 @@ class LinearAttention(nnx.Module):
         """``x`` ``[B, T, d_model]`` (compute dtype) -> ``[B, T, d_model]``; ``positions`` ignored;
         no information crosses a ``segment_ids`` boundary."""
         del positions
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, raw=self._op_map() is not None)
         o, _ = gated_linear_attention(q, k, v, None, segment_ids=segment_ids, form=self.form,
-                                      chunk_size=self.chunk_size, **self._norm())
+                                      chunk_size=self.chunk_size, feature_map=self._op_map(), **self._norm())
         return self._out(o)
 
     def init_cache(self, batch_size: int, max_len: int) -> dict:
@@ -116,9 +123,9 @@ class LinearAttention(nnx.Module):
           :func:`~efficient_arch.ops.linear_recurrence.gated_linear_attention` call,
           ``form="chunked"`` with ``cfg.chunk_size`` (whatever ``mixer_form`` trains with).
         """
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, raw=self._op_map() is not None)
         o, s = gated_linear_attention(q, k, v, None, initial_state=cache["state"], form="chunked",
-                                      chunk_size=self.chunk_size, **self._norm())
+                                      chunk_size=self.chunk_size, feature_map=self._op_map(), **self._norm())
         return self._out(o), {"state": s}
 
     @staticmethod
@@ -127,8 +134,8 @@ class LinearAttention(nnx.Module):
 
         Projections ``2 d H (2 f + hd)`` (q, k, v) and ``2 H hd d`` (output), plus
         :func:`flops_gated_linear_attention` with key width ``K_f`` (``f``, or ``1 + f + f^2``
-        for the Taylor map), value width ``hd`` and ``normalize=cfg.normalize``, in
-        ``cfg.mixer_form``. Feature maps and the normalising division are elementwise and not
+        for the Taylor map, whose chunked scores contract ``f``: ``score_dim``), value width
+        ``hd`` and ``normalize=cfg.normalize``, in ``cfg.mixer_form``. Feature maps and the normalising division are elementwise and not
         counted. ``attention`` is only validated (there is no softmax square).
 
         Raises:
@@ -140,5 +147,7 @@ class LinearAttention(nnx.Module):
         proj = 2.0 * d * h * (2 * f + hd) + 2.0 * h * hd * d
         core = flops_gated_linear_attention(seq_len, h, feature_dim(cfg.feature_map, f), hd, form=cfg.mixer_form,
                                             chunk_size=cfg.chunk_size, vector_decay=False, has_decay=False,
-                                            normalize=bool(cfg.normalize))
+                                            normalize=bool(cfg.normalize),
+                                            score_dim=f if cfg.feature_map == "taylor" and cfg.mixer_form == "chunked"
+                                            else None)
         return proj + core
