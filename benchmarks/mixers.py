@@ -351,13 +351,12 @@ def _core_inputs(mixer: str, mcfg, batch: int):
     rng = np.random.default_rng(7)
     n = lambda *s: rng.standard_normal(s, dtype=np.float32) * np.float32(0.5)  # noqa: E731
     j = lambda a: None if a is None else jnp.asarray(a, jnp.float32)  # noqa: E731
-    if mixer == "linear_attention":
-        kf = feature_dim(mcfg.feature_map, mcfg.feature_dim if mcfg.feature_map == "taylor" else hd)
-        return "gla", dict(q=j(np.abs(n(b, t, h, kf))), k=j(np.abs(n(b, t, h, kf))), v=j(n(b, t, h, hd)), g=None)
-    if mixer == "based":
+    if _core_map(mixer, mcfg) == "taylor":  # raw q, k: the op applies the Taylor map itself
         f = mcfg.feature_dim
-        kf = 1 + f + f * f
-        return "gla", dict(q=j(n(b, t, h, kf)), k=j(n(b, t, h, kf)), v=j(n(b, t, h, hd)), g=None)
+        return "gla", dict(q=j(n(b, t, h, f)), k=j(n(b, t, h, f)), v=j(n(b, t, h, hd)), g=None)
+    if mixer == "linear_attention":
+        kf = feature_dim(mcfg.feature_map, hd)
+        return "gla", dict(q=j(np.abs(n(b, t, h, kf))), k=j(np.abs(n(b, t, h, kf))), v=j(n(b, t, h, hd)), g=None)
     if mixer == "retnet":
         g = np.broadcast_to(np.log1p(-(2.0 ** (-5.0 - np.arange(h)))), (b, t, h))
         return "gla", dict(q=j(n(b, t, h, hd)), k=j(n(b, t, h, hd)), v=j(n(b, t, h, hd)), g=j(g))
@@ -384,6 +383,14 @@ def _core_normalized(mixer: str, mcfg) -> bool:
     return mixer == "based" or (mixer == "linear_attention" and bool(mcfg.normalize))
 
 
+def _core_map(mixer: str, mcfg) -> str | None:
+    """The ``feature_map`` the mixer passes to its core op (Based and the Taylor linear attention
+    hand it raw ``q``, ``k``; see their ``__call__``), or None."""
+    if mixer == "based" or (mixer == "linear_attention" and mcfg.feature_map == "taylor"):
+        return "taylor"
+    return None
+
+
 def _core_kind(mixer: str) -> str | None:
     if mixer in ("linear_attention", "based", "retnet", "gla", "mamba2"):
         return "gla"
@@ -392,13 +399,14 @@ def _core_kind(mixer: str) -> str | None:
     return None
 
 
-def _core_step(kind: str, chunk: int, normalize: bool = False):
+def _core_step(kind: str, chunk: int, normalize: bool = False, feature_map: str | None = None):
     from efficient_arch.ops.delta_rule import delta_rule
     from efficient_arch.ops.linear_recurrence import gated_linear_attention
 
     if kind == "gla":
         def loss(q, k, v, g, r):
-            o, _ = gated_linear_attention(q, k, v, g, form="chunked", chunk_size=chunk, normalize=normalize)
+            o, _ = gated_linear_attention(q, k, v, g, form="chunked", chunk_size=chunk, normalize=normalize,
+                                          feature_map=feature_map)
             return jnp.sum(o * r)
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
 
@@ -408,9 +416,11 @@ def _core_step(kind: str, chunk: int, normalize: bool = False):
     return jax.value_and_grad(loss_d, argnums=(0, 1, 2, 3, 4))
 
 
-def _skeleton(kind: str, shapes: dict, chunk: int):
+def _skeleton(kind: str, shapes: dict, chunk: int, score_dim: int | None = None):
     """The chunked op's matmuls only (at its shapes; no masks, decays, cumsums, sequential loop).
 
+    ``shapes["q"]`` is ``[B, T, H, K]`` with ``K`` the state's key width; ``score_dim``: the
+    width the intra-chunk scores contract (the Taylor kernel's raw ``F``; default ``K``).
     Returns (loss-and-grad fn, args, forward matmul FLOPs of one call). The FLOPs are those the
     analytic ``flops_gated_linear_attention`` / ``flops_delta_rule`` charge to the chunked core.
     """
@@ -423,19 +433,21 @@ def _skeleton(kind: str, shapes: dict, chunk: int):
     n = t // c
     f32 = jnp.float32
     if kind == "gla":
+        sd = kd if score_dim is None else score_dim
         q = randn((b, n, c, h, kd), seed=11)
         k = randn((b, n, c, h, kd), seed=12)
         v = randn((b, n, c, h, vd), seed=13)
         s = randn((b, n, h, kd, vd), seed=14)
+        qs, ks = (q, k) if sd == kd else (randn((b, n, c, h, sd), seed=15), randn((b, n, c, h, sd), seed=16))
 
-        def loss(q, k, v, s):
-            a = _mm("bnihk,bnjhk->bnhij", q, k, f32, f32)
+        def loss(q, k, v, s, qs, ks):
+            a = _mm("bnihk,bnjhk->bnhij", qs, ks, f32, f32)
             o = _mm("bnhij,bnjhv->bnihv", a, v, f32, f32)
             u = _mm("bnjhk,bnjhv->bnhkv", k, v, f32, f32)
             o = o + _mm("bnihk,bnhkv->bnihv", q, s, f32, f32)
             return jnp.sum(o) + jnp.sum(u)
-        flops = b * n * h * (2.0 * c * c * kd + 2.0 * c * c * vd + 4.0 * c * kd * vd)
-        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), (q, k, v, s), flops
+        flops = b * n * h * (2.0 * c * c * sd + 2.0 * c * c * vd + 4.0 * c * kd * vd)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)), (q, k, v, s, qs, ks), flops
     p2 = 1 << max(c - 1, 0).bit_length()
     q = randn((b, h, n, c, kd), seed=11)
     k = randn((b, h, n, c, kd), 1.0 / math.sqrt(kd), seed=12)
@@ -464,6 +476,8 @@ def _time_fn(fn, fargs, runs):
 
 
 def breakdown(mixer: str, row: dict, sizes: dict, args, peak: float, bandwidth: float) -> dict | None:
+    from efficient_arch.ops.linear_recurrence import feature_dim
+
     mcfg = model_cfg(mixer, "chunked", row["seq_len"], sizes)
     spec = _core_inputs(mixer, mcfg, row["batch"])
     if spec is None:
@@ -473,10 +487,15 @@ def breakdown(mixer: str, row: dict, sizes: dict, args, peak: float, bandwidth: 
     try:
         core_args = tuple(arrs[k] for k in (("q", "k", "v", "g") if kind == "gla" else ("q", "k", "v", "beta", "g")))
         r = randn(arrs["v"].shape, seed=3)
-        norm = _core_normalized(mixer, mcfg)
-        core_s, core_comp, core_cost = _time_fn(_core_step(kind, mcfg.chunk_size, norm), core_args + (r,), args.runs)
-        skel_fn, skel_args, skel_fwd = _skeleton(kind, {k: a.shape for k, a in arrs.items() if a is not None},
-                                                 mcfg.chunk_size)
+        norm, fmap = _core_normalized(mixer, mcfg), _core_map(mixer, mcfg)
+        core_s, core_comp, core_cost = _time_fn(_core_step(kind, mcfg.chunk_size, norm, fmap), core_args + (r,),
+                                                args.runs)
+        shapes = {k: a.shape for k, a in arrs.items() if a is not None}
+        raw_f = shapes["q"][-1]
+        if fmap is not None:  # the op's state and products use the mapped width
+            shapes["q"] = shapes["q"][:3] + (feature_dim(fmap, raw_f),)
+        score_dim = raw_f if fmap == "taylor" else None
+        skel_fn, skel_args, skel_fwd = _skeleton(kind, shapes, mcfg.chunk_size, score_dim)
         skel_s, _, skel_cost = _time_fn(skel_fn, skel_args, args.runs)
     except Exception as e:  # noqa: BLE001
         out["status"] = f"error ({fmt_reason(e)})"
@@ -487,13 +506,13 @@ def breakdown(mixer: str, row: dict, sizes: dict, args, peak: float, bandwidth: 
     fwd_total = row["fwd_flops_per_token_causal"]
     from efficient_arch.ops.delta_rule import flops_delta_rule
     from efficient_arch.ops.linear_recurrence import flops_gated_linear_attention
-    b, t, hh, kd = arrs["q"].shape
+    b, t, hh, kd = shapes["q"]
     vd = arrs["v"].shape[-1]
     if kind == "gla":
         vec = arrs["g"] is not None and arrs["g"].ndim == 4
         fwd_core = flops_gated_linear_attention(t, hh, kd, vd, form="chunked", chunk_size=mcfg.chunk_size,
                                                 vector_decay=vec, has_decay=arrs["g"] is not None,
-                                                normalize=norm)
+                                                normalize=norm, score_dim=score_dim)
     else:
         fwd_core = flops_delta_rule(t, hh, kd, vd, form="chunked", chunk_size=mcfg.chunk_size,
                                     gated=arrs["g"] is not None)
