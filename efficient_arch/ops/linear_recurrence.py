@@ -371,7 +371,7 @@ def _chunked(q, k, v, g, cnt, s0, chunk, acc, normalize=False, eps=0.0, raw=None
     ``s0`` is ``[B, H, K, V + 1]`` (``z`` last), the output is divided by the denominator ``q z``
     (intra-chunk: row sums of the masked, decayed scores; inter-chunk: ``q~ z_prev``, with ``z``
     passed by the same scan as the state), and the final state carries ``z`` last. ``raw``: the
-    raw ``(q, k)`` ``[B, T, H, F]`` of Taylor features ``q``, ``k``; the intra-chunk scores are then
+    raw ``(q, k)`` ``[B, T, H, F]`` whose Taylor features are ``q``, ``k``; the intra-chunk scores are then
     ``1 + s + s^2 / 2``, ``s = q_raw . k_raw / sqrt(F)`` (no or scalar decay only)."""
     dt = q.dtype
     bsz, t, h, kd = q.shape

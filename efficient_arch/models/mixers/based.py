@@ -137,7 +137,8 @@ class Based(nnx.Module):
                             recurrent 5 H K (V + 1); quadratic 2 H T (K + V + 1)
 
         The feature map (``F^2`` multiplies per head for q and k), the chunked form's score kernel
-        ``1 + s + s^2/2`` and the normalising division are elementwise and not counted. ``attention`` does not apply and is only validated.
+        ``1 + s + s^2/2`` and the normalising division are elementwise and not counted.
+        ``attention`` does not apply and is only validated.
 
         Raises:
           ValueError: unknown ``attention`` convention or form.

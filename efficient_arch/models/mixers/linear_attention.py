@@ -135,8 +135,9 @@ class LinearAttention(nnx.Module):
         Projections ``2 d H (2 f + hd)`` (q, k, v) and ``2 H hd d`` (output), plus
         :func:`flops_gated_linear_attention` with key width ``K_f`` (``f``, or ``1 + f + f^2``
         for the Taylor map, whose chunked scores contract ``f``: ``score_dim``), value width
-        ``hd`` and ``normalize=cfg.normalize``, in ``cfg.mixer_form``. Feature maps and the normalising division are elementwise and not
-        counted. ``attention`` is only validated (there is no softmax square).
+        ``hd`` and ``normalize=cfg.normalize``, in ``cfg.mixer_form``. Feature maps and the
+        normalising division are elementwise and not counted. ``attention`` is only validated
+        (there is no softmax square).
 
         Raises:
           ValueError: unknown ``attention`` convention.
