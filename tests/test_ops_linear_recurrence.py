@@ -354,6 +354,15 @@ def test_feature_map_inside_the_op_equals_mapping_outside_float64(decay):
             gated_linear_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), feature_map="relu")
         with pytest.raises(ValueError, match="raw q, k"):
             gated_linear_attention(jnp.asarray(q), jnp.asarray(k[..., :2]), jnp.asarray(v), feature_map="taylor")
+        # a state of the raw width: the error says where K comes from
+        with pytest.raises(ValueError, match=r"K = feature_dim\('taylor', 3\) = 13"):
+            gated_linear_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), feature_map="taylor",
+                                   initial_state=jnp.zeros((B, H, f_dim, V)))
+        # integer inputs: the map would round back to ints (silently wrong); rejected
+        for name in ("taylor", None):
+            with pytest.raises(ValueError, match="float"):
+                gated_linear_attention(jnp.asarray(q).astype(jnp.int32), jnp.asarray(k).astype(jnp.int32),
+                                       jnp.asarray(v), feature_map=name)
 
 
 def test_taylor_scores_contract_the_raw_width():

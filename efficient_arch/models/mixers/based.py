@@ -100,7 +100,8 @@ class Based(nnx.Module):
     def decode(self, x: jax.Array, cache: dict, *, position) -> tuple[jax.Array, dict]:
         """One token ``x [B, 1, d_model]`` -> ``(y [B, 1, d_model], cache)``; ``position`` unused.
 
-        FLOPs: projections + ``4 H (1+F+F^2)(head_dim+1)`` (state update and read-out).
+        FLOPs: projections + ``5 H (1+F+F^2)(head_dim+1)`` (:func:`gla_step`'s state update and
+        read-out, normalised).
         """
         del position
         q, k, v = self._projections(x[:, 0])
