@@ -188,22 +188,22 @@ def gated_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: 
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):  # a feature map would round ints back to ints
             raise ValueError(f"{name} must be a float array; got dtype {x.dtype}")
-    raw = None
-    if feature_map is None:
-        _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, normalize, eps)
-    else:
+    raw, f_raw = None, q.shape[-1]
+    if feature_map is not None:
         if q.shape != k.shape:
             raise ValueError(f"expected raw q, k [B, T, H, F] of one shape; got q {q.shape}, k {k.shape}")
         if feature_map == "taylor" and form == "chunked" and (log_decay is None or log_decay.ndim == 3):
             raw = (q, k)  # intra-chunk scores from the kernel 1 + s + s^2 / 2 (docstring)
-        f_raw = q.shape[-1]
         q, k = _apply_feature_map(feature_map, q), _apply_feature_map(feature_map, k)
-        try:
-            _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, normalize, eps)
-        except ValueError as e:  # the shapes it names are the mapped ones: say where K comes from
-            raise ValueError(f"{e} [with feature_map={feature_map!r}: q, k are the raw [B, T, H, F = {f_raw}] "
-                             f"and the state's key width is K = feature_dim({feature_map!r}, {f_raw}) = "
-                             f"{q.shape[-1]}]") from None
+    try:
+        _check(q, k, v, log_decay, segment_ids, initial_state, form, chunk_size, normalize, eps)
+    except ValueError as e:
+        if feature_map is None:
+            raise
+        # the shapes it names are the mapped ones: say where K comes from
+        raise ValueError(f"{e} [with feature_map={feature_map!r}: q, k are the raw [B, T, H, F = {f_raw}] "
+                         f"and the state's key width is K = feature_dim({feature_map!r}, {f_raw}) = "
+                         f"{q.shape[-1]}]") from None
     if normalize and form != "chunked":
         v = _ones_column(v)
     bsz, t, h, kd = q.shape
