@@ -407,7 +407,7 @@ def _chunked(q, k, v, g, cnt, s0, chunk, acc, normalize=False, eps=0.0, raw=None
     def scores():  # [B, N, H, Ci, Cj]: q_i . k_j, by the Taylor kernel from the raw vectors
         if raw is None:
             return _mm("bnhik,bnhjk->bnhij", q, k, dt, acc)
-        sc = _mm("bnhik,bnhjk->bnhij", ch(raw[0]), ch(raw[1]), dt, acc) * (raw[0].shape[-1] ** -0.5)
+        sc = _mm("bnhik,bnhjk->bnhij", ch(raw[0]), ch(raw[1]), dt, acc) * _taylor_scale(raw[0].shape[-1]) ** 2
         return 1.0 + sc * (1.0 + 0.5 * sc)
     cnt = cnt.reshape(bsz, n, c)
     cnt_prev = jnp.concatenate([jnp.zeros((bsz, 1), jnp.int32), cnt[:, :-1, -1]], axis=1)  # [B, N]
@@ -517,6 +517,12 @@ def _vector_scores(q, k, b, same, dt, acc):
 # ----------------------------------------------------------------------------- feature maps
 
 
+def _taylor_scale(d: int) -> float:
+    """The Taylor map's default input scale ``d^(-1/4)`` (so ``phi(q) . phi(k)`` is a function of
+    ``q . k / sqrt(d)``); shared with the chunked form's kernel scores."""
+    return d ** -0.25
+
+
 def taylor_feature_map(x: jax.Array, *, scale: float | None = None) -> jax.Array:
     """2nd-order Taylor feature map of Based (Arora et al. 2024, sec. 3.1 / eq. 3).
 
@@ -531,7 +537,7 @@ def taylor_feature_map(x: jax.Array, *, scale: float | None = None) -> jax.Array
       multiplies per vector.
     """
     d = x.shape[-1]
-    s = d ** -0.25 if scale is None else scale
+    s = _taylor_scale(d) if scale is None else scale
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32)) * s
     outer = (xf[..., :, None] * xf[..., None, :]).reshape(x.shape[:-1] + (d * d,)) / math.sqrt(2.0)
     ones = jnp.ones(x.shape[:-1] + (1,), xf.dtype)
